@@ -1,0 +1,66 @@
+"""``airflow-ray``: manage the embedded local Ray cluster.
+
+.. code-block:: console
+
+    $ airflow-ray cluster start     # start it now instead of on the first task
+    $ airflow-ray cluster status    # address, resources, object store use, owner actors
+    $ airflow-ray cluster stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from airflow_ray import cluster
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="airflow-ray", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="group", required=True)
+    cluster_parser = sub.add_parser("cluster", help="the embedded local Ray cluster")
+    cluster_parser.add_argument("action", choices=["start", "stop", "status"])
+    cluster_parser.add_argument("--json", action="store_true", help="machine-readable status")
+    args = parser.parse_args(argv)
+    return _cluster(args.action, as_json=args.json)
+
+
+def _cluster(action: str, *, as_json: bool) -> int:
+    if action == "start":
+        local = cluster.start()
+        print(f"Embedded Ray cluster running at {local.address} (Ray Client: {local.client_address})")
+        if local.dashboard_url:
+            print(f"Dashboard: {local.dashboard_url}")
+        return 0
+    if action == "stop":
+        print(
+            "Stopped the embedded Ray cluster."
+            if cluster.stop()
+            else "The embedded Ray cluster is not running."
+        )
+        return 0
+    local = cluster.current()
+    if local is None:
+        print("The embedded Ray cluster is not running.")
+        return 1
+    info = {**cluster.status(local), "client_address": local.client_address, "dashboard": local.dashboard_url}
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return 0
+    used, capacity = info["object_store_used_bytes"], info["object_store_capacity_bytes"]
+    print(f"address:       {info['address']}")
+    print(f"ray client:    {info['client_address']}")
+    print(f"dashboard:     {info['dashboard'] or 'off'}")
+    print(f"nodes:         {info['nodes']}")
+    resources = ", ".join(f"{k}={v:g}" for k, v in sorted(info["resources"].items()))
+    print(f"resources:     {resources}")
+    print(
+        f"object store:  {used / 2**20:.1f} MiB used of {capacity / 2**20:.0f} MiB, "
+        f"{info['object_store_num_objects']} objects"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

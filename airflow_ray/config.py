@@ -1,0 +1,209 @@
+"""Provider configuration, declared once and read through small cached accessors.
+
+Every option lives in the ``[ray]`` section of ``airflow.cfg`` (or ``AIRFLOW__RAY__<OPTION>``
+environment variables); :data:`OPTIONS` is the single declaration that ``get_provider_info()``
+publishes and that the accessors fall back to, so a default can never drift between the docs
+and the code. Tests clear the caches with :func:`clear_caches`.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+SECTION = "ray"
+
+OPTIONS: dict[str, dict[str, Any]] = {
+    "xcom_threshold_bytes": {
+        "description": "Values whose serialized size is below this stay in the metadata DB as usual; "
+        "larger ones go to Ray's object store. 0 sends every value to the object store.",
+        "type": "integer",
+        "example": "65536",
+        "default": "65536",
+    },
+    "object_ttl_seconds": {
+        "description": "Objects of a DAG run are freed this long after they were produced, even if "
+        "their XCom row still exists. Use checkpoints to keep outputs longer.",
+        "type": "integer",
+        "example": "86400",
+        "default": "86400",
+    },
+    "max_objects": {
+        "description": "Upper bound on the number of objects the owner registry holds. Beyond it the "
+        "oldest DAG runs' objects are freed first.",
+        "type": "integer",
+        "example": "100000",
+        "default": "100000",
+    },
+    "owner_shards": {
+        "description": "Number of detached owner actors. A DAG run's objects always live in one shard.",
+        "type": "integer",
+        "example": "2",
+        "default": "1",
+    },
+    "namespace": {
+        "description": "Ray namespace of the owner actors.",
+        "type": "string",
+        "example": "airflow_ray",
+        "default": "airflow_ray",
+    },
+    "infeasible_task_timeout": {
+        "description": "Seconds a task may wait for resources that no node of the cluster has before "
+        "it fails. Raise it for autoscaling clusters that add such nodes on demand.",
+        "type": "integer",
+        "example": "600",
+        "default": "60",
+    },
+    "connect_timeout": {
+        "description": "Seconds to wait for the Ray cluster to answer before a task fails.",
+        "type": "integer",
+        "example": "30",
+        "default": "30",
+    },
+    "checkpoint_path": {
+        "description": "Default base URI for task checkpoints (``s3://bucket/prefix``, "
+        "``file:///path``) when a task sets ``checkpoint=True`` without a path or connection.",
+        "type": "string",
+        "example": "s3://my-bucket/airflow-ray",
+        "default": "",
+    },
+    "checkpoint_retention_seconds": {
+        "description": "Checkpoints of a DAG run are deleted this long after they were written "
+        "(by ``airflow-ray gc``). Keep it longer than ``object_ttl_seconds``.",
+        "type": "integer",
+        "example": "604800",
+        "default": "604800",
+    },
+    "local_cluster_dir": {
+        "description": "Where the embedded local Ray cluster keeps its state file, lock and logs.",
+        "type": "string",
+        "example": "/opt/airflow/ray",
+        "default": "~/.airflow_ray",
+    },
+    "local_cluster_num_cpus": {
+        "description": "CPUs of the embedded local cluster (empty: all of the machine's).",
+        "type": "integer",
+        "example": "4",
+        "default": "",
+    },
+    "local_cluster_object_store_bytes": {
+        "description": "Object store size of the embedded local cluster (empty: Ray's default, "
+        "30% of memory).",
+        "type": "integer",
+        "example": "4000000000",
+        "default": "",
+    },
+    "local_cluster_dashboard": {
+        "description": "Start the Ray dashboard with the embedded local cluster (on 127.0.0.1).",
+        "type": "boolean",
+        "example": "True",
+        "default": "False",
+    },
+}
+
+
+def _get(option: str) -> str:
+    """Read an option: environment first (cheap, works in Ray workers), then Airflow config."""
+    env = os.environ.get(f"AIRFLOW__{SECTION.upper()}__{option.upper()}")
+    if env is not None:
+        return env
+    default = OPTIONS[option]["default"]
+    try:
+        from airflow.sdk.configuration import conf
+
+        return str(conf.get(SECTION, option, fallback=default))
+    except Exception:  # Airflow not configured (e.g. the CLI on a bare machine)
+        return default
+
+
+def _get_int(option: str) -> int | None:
+    value = _get(option).strip()
+    return int(value) if value else None
+
+
+@cache
+def xcom_threshold_bytes() -> int:
+    return _get_int("xcom_threshold_bytes") or 0
+
+
+@cache
+def object_ttl_seconds() -> int:
+    return _get_int("object_ttl_seconds") or 0
+
+
+@cache
+def max_objects() -> int:
+    return _get_int("max_objects") or 100_000
+
+
+@cache
+def owner_shards() -> int:
+    return max(1, _get_int("owner_shards") or 1)
+
+
+@cache
+def namespace() -> str:
+    return _get("namespace") or "airflow_ray"
+
+
+@cache
+def infeasible_task_timeout() -> float:
+    value = _get_int("infeasible_task_timeout")
+    return float(60 if value is None else value)
+
+
+@cache
+def connect_timeout() -> float:
+    return float(_get_int("connect_timeout") or 30)
+
+
+@cache
+def checkpoint_path() -> str | None:
+    return _get("checkpoint_path").strip() or None
+
+
+@cache
+def checkpoint_retention_seconds() -> int:
+    return _get_int("checkpoint_retention_seconds") or 0
+
+
+@cache
+def local_cluster_dir() -> Path:
+    return Path(_get("local_cluster_dir") or "~/.airflow_ray").expanduser()
+
+
+@cache
+def local_cluster_num_cpus() -> int | None:
+    return _get_int("local_cluster_num_cpus")
+
+
+@cache
+def local_cluster_object_store_bytes() -> int | None:
+    return _get_int("local_cluster_object_store_bytes")
+
+
+@cache
+def local_cluster_dashboard() -> bool:
+    return _get("local_cluster_dashboard").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def clear_caches() -> None:
+    """Forget cached option values (tests change the environment between cases)."""
+    for accessor in (
+        xcom_threshold_bytes,
+        object_ttl_seconds,
+        max_objects,
+        owner_shards,
+        namespace,
+        infeasible_task_timeout,
+        connect_timeout,
+        checkpoint_path,
+        checkpoint_retention_seconds,
+        local_cluster_dir,
+        local_cluster_num_cpus,
+        local_cluster_object_store_bytes,
+        local_cluster_dashboard,
+    ):
+        accessor.cache_clear()

@@ -1,0 +1,325 @@
+"""``RayHook``: which Ray cluster a task talks to, and a connection to it that fails clearly.
+
+Address resolution, first match wins:
+
+1. the task's ``ray_conn_id`` connection (default ``ray_default``), if it exists;
+2. the ``RAY_URL`` environment variable;
+3. the ``RAY_ADDRESS`` environment variable;
+4. the embedded local cluster (:mod:`airflow_ray.cluster`), started on first use.
+
+Supported addresses: ``ray://host:10001`` (Ray Client; needs the same Ray and Python versions
+on both sides and drops the session after ~30 s of disconnection), ``auto`` and ``host:6379``
+(the Airflow worker is itself a node of the cluster), and ``anyscale://...`` (passed through to
+``ray.init``).
+
+Before ``ray.init`` the hook probes the address with one gRPC call (~50 ms). Ray itself retries
+for ~20 s and then reports "Failed to connect to Ray cluster" for every cause; the probe tells
+an unreachable address from a rejected token and names where the address came from.
+
+.. code-block:: python
+
+    from airflow_ray.hooks import RayHook
+
+    ok, message = RayHook("ray_default").test_connection()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowNotFoundException
+
+from airflow_ray.errors import RayAuthenticationError, RayConnectionError
+
+if TYPE_CHECKING:
+    from airflow.sdk import Connection
+
+_PROBE_TIMEOUT_S = 5.0
+_connect_lock = threading.Lock()
+_connected: RayTarget | None = None
+
+
+@dataclass(frozen=True)
+class RayTarget:
+    """A resolved cluster address plus everything needed to connect to it."""
+
+    address: str
+    source: str
+    namespace: str | None = None
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    init_kwargs: dict[str, Any] = field(default_factory=dict)
+    dashboard_url: str | None = None
+    token: str | None = field(default=None, repr=False)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_client(self) -> bool:
+        return self.address.startswith("ray://")
+
+    def describe(self) -> str:
+        return f"{self.address} (from {self.source})"
+
+
+class RayHook(BaseHook):
+    """Connects the Airflow task process to a Ray cluster as a driver.
+
+    :param ray_conn_id: Airflow connection of type ``ray``. A missing connection is not an
+        error: resolution falls through to ``RAY_URL``, ``RAY_ADDRESS`` and the embedded cluster.
+    """
+
+    conn_name_attr = "ray_conn_id"
+    default_conn_name = "ray_default"
+    conn_type = "ray"
+    hook_name = "Ray"
+
+    def __init__(self, ray_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ray_conn_id = ray_conn_id
+
+    @cached_property
+    def target(self) -> RayTarget:
+        """Resolve the address (see the module docstring) without connecting."""
+        conn = self._connection()
+        if conn is not None and (conn.host or "").strip():
+            return _target_from_connection(conn)
+        for var in ("RAY_URL", "RAY_ADDRESS"):
+            value = os.environ.get(var, "").strip()
+            if value and not value.startswith(("http://", "https://")):
+                return RayTarget(
+                    address=value,
+                    source=f"environment variable {var}",
+                    env=_token_env(None),
+                    namespace=_extra(conn, "namespace"),
+                    runtime_env=_json_extra(conn, "runtime_env"),
+                    init_kwargs=_json_extra(conn, "init_kwargs"),
+                    dashboard_url=_dashboard_from_env(),
+                )
+        from airflow_ray import cluster
+
+        local = cluster.ensure_running()
+        return RayTarget(
+            address=local.address,
+            source="the embedded local cluster (no connection, RAY_URL or RAY_ADDRESS set)",
+            env=dict(cluster.LOCAL_ENV),
+            namespace=_extra(conn, "namespace"),
+            runtime_env=_json_extra(conn, "runtime_env"),
+            init_kwargs=_json_extra(conn, "init_kwargs"),
+            dashboard_url=local.dashboard_url,
+        )
+
+    def connect(self) -> RayTarget:
+        """Make this process a driver of the target cluster (idempotent, thread-safe).
+
+        Reuses an existing connection to the same address; a connection this hook did not make
+        (the user called ``ray.init`` themselves) is reused as is.
+        """
+        global _connected
+        import ray
+
+        target = self.target
+        with _connect_lock:
+            if ray.is_initialized():
+                if _connected is None or _connected.address == target.address:
+                    return _connected or target
+                ray.shutdown()  # we own it: switch clusters (dag.test() runs all tasks in one process)
+            os.environ.update(target.env)
+            probe(target)
+            kwargs: dict[str, Any] = {
+                "address": target.address,
+                "namespace": target.namespace,
+                "log_to_driver": False,
+                "configure_logging": False,
+                **target.init_kwargs,
+            }
+            try:
+                context = ray.init(**kwargs)
+            except ConnectionError as exc:
+                raise RayConnectionError(
+                    f"Could not connect to the Ray cluster at {target.describe()}: {exc}"
+                ) from exc
+            if target.dashboard_url is None and getattr(context, "dashboard_url", None):
+                url = context.dashboard_url
+                target = _replace(target, dashboard_url=url if "://" in url else f"http://{url}")
+                self.__dict__["target"] = target
+            _connected = target
+            self.log.info("Connected to Ray at %s", target.describe())
+            return target
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Probe the cluster without becoming a driver (used by the UI's Test button)."""
+        try:
+            target = self.target
+            os.environ.update(target.env)
+            probe(target)
+        except Exception as exc:
+            return False, str(exc)
+        return True, f"Ray cluster reachable at {target.describe()}"
+
+    def get_dashboard_url(self) -> str | None:
+        """The dashboard / Jobs API URL, or None if the cluster has none we know of."""
+        return self.target.dashboard_url
+
+    @staticmethod
+    def cluster_status(address: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+        """Nodes, resources and object store use of a cluster (for the CLI and tests)."""
+        import ray
+        from ray._private import internal_api
+
+        os.environ.update(env or {})
+        probe(RayTarget(address=address, source="airflow-ray cluster status"))
+        state = internal_api.get_state_from_address(address)
+        reply = internal_api.get_memory_info_reply(state)
+        nodes = [n for n in state.node_table() if n["Alive"]]
+        totals: dict[str, float] = {}
+        for node in nodes:
+            for name, amount in node["Resources"].items():
+                if not name.startswith("node:"):
+                    totals[name] = totals.get(name, 0.0) + amount
+        del ray
+        return {
+            "address": address,
+            "nodes": len(nodes),
+            "resources": totals,
+            "object_store_used_bytes": int(reply.store_stats.object_store_bytes_used),
+            "object_store_capacity_bytes": int(reply.store_stats.object_store_bytes_avail),
+            "object_store_num_objects": int(reply.store_stats.num_local_objects),
+        }
+
+    # -- private ---------------------------------------------------------------------------
+
+    def _connection(self) -> Connection | None:
+        try:
+            return self.get_connection(self.ray_conn_id)
+        except AirflowNotFoundException:
+            return None
+
+
+def probe(target: RayTarget) -> None:
+    """One gRPC call to the cluster: raises a clear error if it is unreachable or rejects us."""
+    import grpc
+
+    if target.address.startswith("anyscale://"):
+        return
+    address = _bootstrap_address(target)
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayConnectionError(f"Invalid Ray address {target.describe()}: expected host:port")
+    from ray._private.grpc_utils import init_grpc_channel
+
+    channel = init_grpc_channel(address, asynchronous=False)
+    try:
+        if target.is_client:
+            from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
+
+            stub = ray_client_pb2_grpc.RayletDriverStub(channel)
+            request = ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING)
+            stub.ClusterInfo(request, timeout=_PROBE_TIMEOUT_S)
+        else:
+            from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=_PROBE_TIMEOUT_S)
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            raise RayAuthenticationError(
+                f"Ray authentication failed for {target.describe()}: the cluster uses token "
+                "authentication and rejected our token. Put the cluster's token (`ray get-auth-token` "
+                "on the head node) in the connection's password field, or set RAY_AUTH_TOKEN / "
+                "RAY_AUTH_TOKEN_PATH for the Airflow worker."
+            ) from exc
+        hint = " Ray Client needs the same Ray and Python versions on both sides." if target.is_client else ""
+        raise RayConnectionError(
+            f"Ray cluster unreachable at {target.describe()}: {code.name} {exc.details() or ''}.{hint}"
+        ) from exc
+    finally:
+        channel.close()
+
+
+# --- private helpers -----------------------------------------------------------------------
+
+
+def _bootstrap_address(target: RayTarget) -> str:
+    if target.is_client:
+        return target.address[len("ray://") :]
+    if target.address in ("auto", ""):
+        from ray._private.services import canonicalize_bootstrap_address
+
+        resolved = canonicalize_bootstrap_address("auto")
+        if resolved is None:
+            raise RayConnectionError(
+                f"No running Ray cluster found on this machine for {target.describe()}: "
+                "start one with `ray start --head`, or configure an address."
+            )
+        return resolved
+    return target.address
+
+
+def _target_from_connection(conn: Connection) -> RayTarget:
+    host = (conn.host or "").strip()
+    if (conn.port and "://" not in host and ":" not in host) or (
+        conn.port and host.startswith("ray://") and ":" not in host[len("ray://") :]
+    ):
+        host = f"{host}:{conn.port}"
+    return RayTarget(
+        address=host,
+        source=f"Airflow connection '{conn.conn_id}'",
+        namespace=_extra(conn, "namespace"),
+        runtime_env=_json_extra(conn, "runtime_env"),
+        init_kwargs=_json_extra(conn, "init_kwargs"),
+        dashboard_url=_extra(conn, "dashboard_url") or _dashboard_from_env(),
+        token=conn.password or None,
+        env=_token_env(conn.password or None),
+    )
+
+
+def _token_env(token: str | None) -> dict[str, str]:
+    """Environment that makes Ray send a token, when we have one to send."""
+    if token:
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    if os.environ.get("RAY_AUTH_MODE"):
+        return {}
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or token_file.exists():
+        return {"RAY_AUTH_MODE": "token"}
+    return {}
+
+
+def _extra(conn: Connection | None, key: str) -> Any:
+    if conn is None:
+        return None
+    return conn.extra_dejson.get(key) or None
+
+
+def _json_extra(conn: Connection | None, key: str) -> dict[str, Any]:
+    value = _extra(conn, key)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"Connection '{conn.conn_id}' extra '{key}' is not valid JSON") from exc
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"Connection '{conn.conn_id}' extra '{key}' must be a JSON object")
+    return value or {}
+
+
+def _dashboard_from_env() -> str | None:
+    """Ray's job CLI convention: RAY_API_SERVER_ADDRESS, or an http(s) RAY_ADDRESS."""
+    if url := os.environ.get("RAY_API_SERVER_ADDRESS"):
+        return url
+    address = os.environ.get("RAY_ADDRESS", "")
+    return address if urlsplit(address).scheme in ("http", "https") else None
+
+
+def _replace(target: RayTarget, **changes: Any) -> RayTarget:
+    from dataclasses import replace
+
+    return replace(target, **changes)

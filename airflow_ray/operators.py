@@ -1,0 +1,258 @@
+"""``RayPythonOperator``: run a Python callable on Ray, with Ray's own option names.
+
+Most users write ``@ray_task`` (:mod:`airflow_ray.decorators`), which builds this operator.
+
+.. code-block:: python
+
+    from airflow_ray.operators import RayPythonOperator
+
+    RayPythonOperator(task_id="train", python_callable=train, op_args=[data], num_cpus=2)
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import date, datetime, timedelta
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.standard.operators.python import PythonOperator
+
+from airflow_ray import config
+from airflow_ray.hooks import RayHook
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+#: Options handed to ``ray.remote(...).options(...)`` under the names Ray uses.
+RAY_OPTIONS = (
+    "num_cpus",
+    "num_gpus",
+    "memory",
+    "resources",
+    "runtime_env",
+    "accelerator_type",
+    "max_retries",
+    "retry_exceptions",
+    "scheduling_strategy",
+)
+_PORTABLE = (str, int, float, bool, type(None), datetime, date, timedelta)
+
+
+class RayPythonOperator(PythonOperator):
+    """Runs ``python_callable`` as a Ray task; its return value becomes the XCom.
+
+    With :class:`~airflow_ray.xcom.RayXComBackend` the return value stays in Ray's object store
+    (owned by a detached owner actor) and only a small JSON reference goes to the XCom table;
+    with any other backend it is fetched and stored as usual.
+
+    :param num_cpus: CPUs reserved for the task (Ray's default: 1).
+    :param num_gpus: GPUs reserved for the task.
+    :param memory: bytes of memory reserved for the task (for scheduling, not a limit).
+    :param resources: custom resources, e.g. ``{"trainer": 1}``.
+    :param runtime_env: Ray runtime environment, merged over the connection's.
+    :param accelerator_type: e.g. ``"A100"`` (Ray's ``accelerator_type`` option).
+    :param max_retries: Ray-level retries after a worker crash (Airflow's ``retries`` re-run the task).
+    :param retry_exceptions: Ray-level retries on exceptions (``True`` or a list of types).
+    :param scheduling_strategy: ``"SPREAD"``, ``"DEFAULT"`` or a Ray scheduling strategy object.
+    :param ray_conn_id: Airflow connection of type ``ray`` (see :class:`~airflow_ray.hooks.RayHook`).
+    :param checkpoint: also persist the output to object storage, so it survives the cluster.
+    :param checkpoint_source: Airflow connection whose bucket/prefix and credentials hold checkpoints.
+    :param checkpoint_path: base URI for checkpoints, e.g. ``s3://bucket/prefix`` or ``file:///path``.
+    """
+
+    template_fields: Sequence[str] = (*PythonOperator.template_fields, "ray_conn_id")
+    _airflow_ray_consumer = True  # the XCom backend hands this operator handles, not values
+
+    def __init__(
+        self,
+        *,
+        python_callable: Callable[..., Any],
+        op_args: Collection[Any] | None = None,
+        op_kwargs: Mapping[str, Any] | None = None,
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        memory: int | None = None,
+        resources: dict[str, float] | None = None,
+        runtime_env: dict[str, Any] | None = None,
+        accelerator_type: str | None = None,
+        max_retries: int | None = None,
+        retry_exceptions: bool | list[type[BaseException]] | None = None,
+        scheduling_strategy: Any = None,
+        ray_conn_id: str = RayHook.default_conn_name,
+        checkpoint: bool = False,
+        checkpoint_source: str | None = None,
+        checkpoint_path: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(python_callable=python_callable, op_args=op_args, op_kwargs=op_kwargs, **kwargs)
+        for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus), ("memory", memory)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r} (task '{self.task_id}')")
+        if resources is not None:
+            if not isinstance(resources, dict):
+                raise TypeError(f"resources must be a dict, got {type(resources).__name__}")
+            reserved = {"CPU", "GPU", "memory"} & set(resources)
+            if reserved:
+                raise ValueError(
+                    f"Use num_cpus / num_gpus / memory instead of resources={sorted(reserved)} "
+                    f"(task '{self.task_id}')"
+                )
+        if runtime_env is not None and not isinstance(runtime_env, dict):
+            raise TypeError(f"runtime_env must be a dict, got {type(runtime_env).__name__}")
+        if (checkpoint_source or checkpoint_path) and not checkpoint:
+            warnings.warn(
+                f"Task '{self.task_id}': checkpoint_source/checkpoint_path are ignored without "
+                "checkpoint=True",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.memory = memory
+        self.resources = resources
+        self.runtime_env = runtime_env
+        self.accelerator_type = accelerator_type
+        self.max_retries = max_retries
+        self.retry_exceptions = retry_exceptions
+        self.scheduling_strategy = scheduling_strategy
+        self.ray_conn_id = ray_conn_id
+        self.checkpoint = checkpoint
+        self.checkpoint_source = checkpoint_source
+        self.checkpoint_path = checkpoint_path
+        self._running: tuple[Any, tuple[str, str, str, int]] | None = None
+
+    def execute(self, context: Context) -> Any:
+        ti = context["ti"]
+        self._task_key = (ti.dag_id, ti.run_id, ti.task_id, ti.map_index)
+        self._identity = SimpleNamespace(
+            dag_id=ti.dag_id,
+            run_id=ti.run_id,
+            task_id=ti.task_id,
+            map_index=ti.map_index,
+            try_number=ti.try_number,
+        )
+        return super().execute(context)
+
+    def determine_kwargs(self, context: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Like PythonOperator's, but only context values that can travel to a Ray worker.
+
+        ``ti``/``task_instance`` become a read-only snapshot (``dag_id``, ``run_id``,
+        ``task_id``, ``map_index``, ``try_number``); ``params`` a plain dict. A context value
+        the function names explicitly but that cannot travel is an error; under ``**kwargs``
+        such values are left out.
+        """
+        kwargs = dict(super().determine_kwargs(context))
+        explicit = set(inspect.signature(self.python_callable).parameters)
+        for key in [k for k in kwargs if k in context and k not in self.op_kwargs]:
+            value = self._portable(key, kwargs[key])
+            if value is not _NOT_PORTABLE:
+                kwargs[key] = value
+            elif key in explicit:
+                raise TypeError(
+                    f"Task '{self.task_id}': the context value '{key}' cannot be sent to a Ray worker. "
+                    "Read what you need from it in a plain @task and pass that instead."
+                )
+            else:
+                del kwargs[key]
+        return kwargs
+
+    def execute_callable(self) -> Any:
+        from airflow_ray import tasks
+        from airflow_ray.store import ObjectReference, get_owner, owner_name, result_for
+
+        hook = RayHook(self.ray_conn_id)
+        target = hook.connect()
+        request = tasks.TaskRequest(
+            fn=self.python_callable,
+            args=tuple(self.op_args),
+            kwargs=dict(self.op_kwargs),
+            task_key=self._task_key,
+            options=self.ray_options(target.runtime_env),
+            split="keys" if self.multiple_outputs else None,
+            infeasible_timeout=config.infeasible_task_timeout(),
+        )
+        dag_id, run_id, task_id, map_index = self._task_key
+        name = owner_name(dag_id, run_id)
+        self._running = (name, self._task_key)
+        try:
+            outputs = tasks.run(request, self.log)
+        finally:
+            self._running = None
+        references = {
+            out["key"]: ObjectReference(
+                owner=name,
+                dag_id=dag_id,
+                run_id=run_id,
+                task_id=task_id,
+                map_index=map_index,
+                key=out["key"],
+                object_id=out["object_id"],
+                summary=out["summary"],
+                ray_conn_id=self.ray_conn_id,
+            )
+            for out in outputs
+        }
+        if not _ray_xcom_enabled():
+            # Airflow's XCom stores the value itself: fetch it, then let the owner free it.
+            import ray
+
+            refs = tasks.resolve(list(references.values()))
+            values = {key: ray.get(ref) for key, ref in zip(references, refs, strict=True)}
+            ray.get(get_owner(name).release.remote(self._task_key))
+            return values if self.multiple_outputs else values["return_value"]
+        results = {k: result_for(r) for k, r in references.items()}
+        return results if self.multiple_outputs else results["return_value"]
+
+    def on_kill(self) -> None:
+        """Airflow is killing this task: cancel the Ray task too (no orphaned work)."""
+        if self._running is None:
+            return
+        import ray
+
+        from airflow_ray.store import get_owner
+
+        name, task_key = self._running
+        try:
+            ray.get(get_owner(name).cancel.remote(task_key), timeout=10)
+            self.log.warning("Cancelled the Ray task of %s", task_key)
+        except Exception:
+            self.log.exception("Could not cancel the Ray task of %s", task_key)
+
+    def ray_options(self, connection_runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The ``.options(...)`` for the Ray task: our arguments, under Ray's names."""
+        options = {name: getattr(self, name) for name in RAY_OPTIONS if getattr(self, name) is not None}
+        runtime_env = _merge_runtime_env(connection_runtime_env or {}, self.runtime_env or {})
+        if runtime_env:
+            options["runtime_env"] = runtime_env
+        return options
+
+    def _portable(self, key: str, value: Any) -> Any:
+        if key in ("ti", "task_instance"):
+            return self._identity
+        if key == "params":
+            return dict(value)
+        if isinstance(value, _PORTABLE):
+            return value
+        return _NOT_PORTABLE
+
+
+_NOT_PORTABLE = object()
+
+
+def _merge_runtime_env(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Task runtime_env over the connection's; ``env_vars`` are merged key by key."""
+    merged = {**base, **override}
+    if "env_vars" in base and "env_vars" in override:
+        merged["env_vars"] = {**base["env_vars"], **override["env_vars"]}
+    return merged
+
+
+def _ray_xcom_enabled() -> bool:
+    from airflow.sdk.execution_time.xcom import XCom
+
+    from airflow_ray.xcom import RayXComBackend
+
+    return isinstance(XCom, type) and issubclass(XCom, RayXComBackend)

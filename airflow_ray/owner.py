@@ -1,0 +1,222 @@
+"""The owner: detached actors that own task outputs so they outlive Airflow task processes.
+
+A Ray object dies with the process that owns it, and an Airflow task process exits when the
+task ends. So the process that creates an output must be long-lived: the owner actor either
+**submits the task itself** (the caller owns a task's return values, and the data never
+touches the Airflow process) or **adopts** a value (``ray.put`` inside the actor).
+
+Owners are threaded actors (``max_concurrency``), so independent tasks run in parallel; a
+DAG run's objects always live in one shard (picked by a stable hash of ``dag_id, run_id``),
+so freeing a run is one call. Names carry the package version: ``get_if_exists=True`` would
+otherwise hand an upgraded Airflow an old actor still running old code.
+
+Keys: a task is ``(dag_id, run_id, task_id, map_index)``; an object entry adds the XCom key.
+The class below is Ray-side (standard library + Ray only) and is shipped by value.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import zlib
+from typing import Any
+
+from airflow_ray import runner
+
+TaskKey = tuple[str, str, str, int]
+EntryKey = tuple[str, str, str, int, str]
+
+_MAX_LOG_CHARS = 8 * 1024 * 1024
+_SWEEP_INTERVAL_S = 30.0
+_FINISHED_TASK_RETENTION_S = 3600.0
+
+
+class Owner:
+    """Registry of the objects of many DAG runs, and the submitter of ``@ray_task`` functions."""
+
+    def __init__(self, ttl_seconds: float, max_objects: int) -> None:
+        import ray
+
+        self._ttl = ttl_seconds
+        self._max_objects = max_objects
+        self._lock = threading.RLock()
+        self._entries: dict[EntryKey, dict[str, Any]] = {}
+        self._tasks: dict[TaskKey, dict[str, Any]] = {}
+        self._execute = ray.remote(runner.execute)
+        self._self = ray.get_runtime_context().current_actor
+        threading.Thread(target=self._sweep_forever, name="airflow-ray-sweep", daemon=True).start()
+
+    # -- running tasks ---------------------------------------------------------------------
+
+    def run(
+        self,
+        task_key: TaskKey,
+        fn_blob: bytes,
+        call_blob: bytes,
+        inputs: list[Any],
+        options: dict[str, Any],
+        split: str | None,
+    ) -> dict[str, Any]:
+        """Submit the function, wait for it, register its outputs; never raises.
+
+        ``inputs`` arrive boxed in a list so Ray hands us the ObjectRefs themselves, which we
+        pass on as top-level arguments: Ray resolves those on the worker, not here.
+        """
+        import ray
+
+        state = {"started": None, "log": [], "log_chars": 0, "gen": None, "finished": None}
+        with self._lock:
+            self._tasks[task_key] = state
+            self._drop(lambda key: key[:4] == task_key)  # a re-run replaces the old outputs
+        spec = {"task_key": task_key, "split": split}
+        try:
+            gen = self._execute.options(num_returns="streaming", **options).remote(
+                fn_blob, call_blob, spec, self._self, *inputs
+            )
+            state["gen"] = gen
+            refs = list(gen)
+            meta = ray.get(refs[-1])
+        except Exception as exc:
+            return {"ok": False, "error": _describe(exc)}
+        finally:
+            state["finished"] = time.time()
+        names = meta["keys"] or ["return_value"]
+        outputs = []
+        now = time.time()
+        with self._lock:
+            for name, ref, summary in zip(names, refs[:-1], meta["summaries"], strict=True):
+                entry = {"ref": ref, "created": now, "summary": summary}
+                self._entries[(*task_key, name)] = entry
+                outputs.append({"key": name, "object_id": ref.hex(), "summary": summary})
+        return {"ok": True, "outputs": outputs}
+
+    def task_started(self, task_key: TaskKey, info: dict[str, Any]) -> None:
+        with self._lock:
+            if (state := self._tasks.get(task_key)) is not None:
+                state["started"] = {**info, "at": time.time()}
+
+    def append_log(self, task_key: TaskKey, text: str) -> None:
+        with self._lock:
+            state = self._tasks.get(task_key)
+            if state is None or state["log_chars"] > _MAX_LOG_CHARS:
+                return
+            state["log"].append(text)
+            state["log_chars"] += len(text)
+
+    def poll(self, task_key: TaskKey, log_offset: int) -> dict[str, Any]:
+        """Whether the task started, and the log lines produced since ``log_offset``."""
+        with self._lock:
+            state = self._tasks.get(task_key)
+            if state is None:
+                return {"known": False, "started": None, "log": [], "offset": log_offset}
+            log = state["log"][log_offset:]
+            return {"known": True, "started": state["started"], "log": log, "offset": log_offset + len(log)}
+
+    def cancel(self, task_key: TaskKey) -> bool:
+        """Cancel a running task (force: the worker process is killed, C code included)."""
+        import ray
+
+        with self._lock:
+            state = self._tasks.get(task_key)
+        if state is None or state["gen"] is None or state["finished"]:
+            return False
+        ray.cancel(state["gen"], force=True)
+        return True
+
+    # -- the object registry ---------------------------------------------------------------
+
+    def adopt(self, entry_key: EntryKey, value: Any, summary: dict[str, Any]) -> str:
+        """Take ownership of a value produced outside Ray (a plain ``@task`` output)."""
+        import ray
+
+        ref = ray.put(value)
+        with self._lock:
+            self._entries[entry_key] = {"ref": ref, "created": time.time(), "summary": summary}
+        return ref.hex()
+
+    def lookup(self, entry_keys: list[EntryKey]) -> list[list[Any] | None]:
+        """ObjectRefs for the given entries, each boxed in a list (``None`` if unknown)."""
+        with self._lock:
+            return [[e["ref"]] if (e := self._entries.get(tuple(k))) else None for k in entry_keys]
+
+    def register(self, entry_key: EntryKey, boxed_ref: list[Any], summary: dict[str, Any]) -> None:
+        """Re-register an object restored from a checkpoint so later readers get it from memory."""
+        with self._lock:
+            self._entries[entry_key] = {"ref": boxed_ref[0], "created": time.time(), "summary": summary}
+
+    def release(self, prefix: tuple[Any, ...]) -> int:
+        """Free every entry whose key starts with ``prefix`` (a run, a task, or one XCom)."""
+        with self._lock:
+            return self._drop(lambda key: key[: len(prefix)] == tuple(prefix))
+
+    def entries(self) -> list[dict[str, Any]]:
+        """What the registry holds (for ``airflow-ray gc`` and ``airflow-ray cluster status``)."""
+        with self._lock:
+            return [
+                {"key": list(key), "created": e["created"], "object_id": e["ref"].hex(), **e["summary"]}
+                for key, e in self._entries.items()
+            ]
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "pid": os.getpid(),
+                "objects": len(self._entries),
+                "bytes": sum(e["summary"].get("bytes", 0) for e in self._entries.values()),
+                "runs": len({k[:2] for k in self._entries}),
+                "tasks_in_flight": sum(1 for s in self._tasks.values() if not s["finished"]),
+            }
+
+    # -- retention -------------------------------------------------------------------------
+
+    def sweep(self, now: float | None = None) -> int:
+        """Apply the TTL and the size bound; returns how many entries were freed."""
+        now = time.time() if now is None else now
+        with self._lock:
+            freed = 0
+            if self._ttl > 0:
+                freed += self._drop(lambda key: now - self._entries[key]["created"] > self._ttl)
+            if len(self._entries) > self._max_objects:
+                runs: dict[tuple[str, str], float] = {}
+                for key, entry in self._entries.items():
+                    runs[key[:2]] = max(runs.get(key[:2], 0.0), entry["created"])
+                for run in sorted(runs, key=runs.__getitem__):
+                    if len(self._entries) <= self._max_objects:
+                        break
+                    freed += self._drop(lambda key, run=run: key[:2] == run)
+            for task_key in [
+                k
+                for k, s in self._tasks.items()
+                if s["finished"] and now - s["finished"] > _FINISHED_TASK_RETENTION_S
+            ]:
+                del self._tasks[task_key]
+            return freed
+
+    def _sweep_forever(self) -> None:
+        while True:
+            time.sleep(_SWEEP_INTERVAL_S)
+            self.sweep()
+
+    def _drop(self, predicate: Any) -> int:
+        doomed = [key for key in self._entries if predicate(key)]
+        for key in doomed:
+            del self._entries[key]  # dropping the last ObjectRef frees the object
+        return len(doomed)
+
+
+def shard_for(dag_id: str, run_id: str, shards: int) -> int:
+    """Stable across processes (unlike ``hash``), so every task of a run finds the same shard."""
+    return zlib.crc32(f"{dag_id}\0{run_id}".encode()) % shards
+
+
+def _describe(exc: BaseException) -> dict[str, Any]:
+    """A picklable description of a failure, with the remote traceback when there is one."""
+    cause = getattr(exc, "cause", None)
+    original = cause if isinstance(cause, BaseException) else exc
+    return {
+        "kind": type(exc).__name__,
+        "type": f"{type(original).__module__}.{type(original).__qualname__}".removeprefix("builtins."),
+        "message": str(original),
+        "details": str(exc),
+    }

@@ -1,0 +1,196 @@
+"""What runs on the Ray worker: the user's function, its captured output, its results.
+
+This module is Ray-side: it imports only the standard library and Ray, and it is shipped to
+the cluster by value (``cloudpickle.register_pickle_by_value``), so a remote cluster needs
+Ray but not airflow-ray or Airflow installed.
+
+:func:`execute` is a streaming generator. Each value it yields becomes a separate Ray object
+owned by the caller, which is the detached owner actor, never the short-lived Airflow process.
+That is how a ``multiple_outputs`` task gets one object per key without copying anything, and
+how the last yield, a small metadata dict, reaches the owner without touching the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+#: Marks where an upstream object goes in the (pickled) arguments: {SLOT: index, "path": [...]}.
+SLOT = "__airflow_ray_slot__"
+_FLUSH_INTERVAL_S = 0.3
+
+
+def execute(
+    fn_blob: bytes, call_blob: bytes, spec: dict[str, Any], owner: Any, *inputs: Any
+) -> Iterator[Any]:
+    """Run the user's function on this worker and yield its outputs, then a metadata dict.
+
+    :param fn_blob: the cloudpickled function (its real code, closures and module globals).
+    :param call_blob: cloudpickled ``(args, kwargs)`` with :data:`SLOT` placeholders.
+    :param spec: ``task_key`` (for log streaming), ``split`` (``None`` or ``"keys"``).
+    :param owner: handle of the owner actor, which buffers this task's log lines.
+    :param inputs: upstream objects; Ray resolved them before calling us (zero-copy for
+        numpy/Arrow buffers on the same node), so they arrive as values.
+    """
+    import ray.cloudpickle as cloudpickle
+
+    task_key = spec["task_key"]
+    with _CapturedOutput(owner, task_key):
+        fn = cloudpickle.loads(fn_blob)
+        args, kwargs = cloudpickle.loads(call_blob)
+        args = _fill(args, inputs)
+        kwargs = _fill(kwargs, inputs)
+        result = fn(*args, **kwargs)
+    if spec.get("split") == "keys":
+        if not isinstance(result, dict) or not all(isinstance(k, str) for k in result):
+            raise TypeError(
+                f"multiple_outputs=True needs the function to return a dict with str keys, "
+                f"got {type(result).__name__}"
+            )
+        for value in result.values():
+            yield value
+        yield {"keys": list(result), "summaries": [summarize(v) for v in result.values()]}
+    else:
+        yield result
+        yield {"keys": None, "summaries": [summarize(result)]}
+
+
+def summarize(value: Any) -> dict[str, Any]:
+    """A small, JSON-safe description of a value for the XCom reference (type, shape, bytes)."""
+    cls = type(value)
+    summary: dict[str, Any] = {"type": f"{cls.__module__}.{cls.__qualname__}".removeprefix("builtins.")}
+    with contextlib.suppress(Exception):
+        if hasattr(value, "shape") and hasattr(value, "dtype"):  # numpy and friends
+            summary.update(shape=list(value.shape), dtype=str(value.dtype), bytes=int(value.nbytes))
+        elif cls.__name__ == "DataFrame" and hasattr(value, "memory_usage"):  # pandas
+            summary.update(
+                rows=len(value),
+                columns=len(value.columns),
+                bytes=int(value.memory_usage(index=True, deep=False).sum()),
+            )
+        elif cls.__name__ == "Table" and hasattr(value, "num_rows"):  # pyarrow
+            summary.update(rows=value.num_rows, columns=value.num_columns, bytes=int(value.nbytes))
+        elif isinstance(value, (bytes, bytearray, memoryview, str)) or isinstance(
+            value, (list, tuple, dict, set, frozenset)
+        ):
+            summary.update(length=len(value))
+    return summary
+
+
+# --- private helpers -----------------------------------------------------------------------
+
+
+def _fill(obj: Any, inputs: tuple[Any, ...] | list[Any]) -> Any:
+    """Replace slot placeholders by the resolved upstream values, applying their index path."""
+    if isinstance(obj, dict):
+        if SLOT in obj and len(obj) == 2 and "path" in obj:
+            value = inputs[obj[SLOT]]
+            for step in obj["path"]:
+                value = value[step]
+            return value
+        return {k: _fill(v, inputs) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fill(v, inputs) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_fill(v, inputs) for v in obj)
+    return obj
+
+
+class _Tee(io.TextIOBase):
+    """A text stream that writes to the original stream and to a shared buffer."""
+
+    def __init__(self, original: Any, sink: list[str], lock: threading.Lock) -> None:
+        self._original = original
+        self._sink = sink
+        self._lock = lock
+
+    def write(self, s: str) -> int:
+        with contextlib.suppress(Exception):
+            self._original.write(s)
+        with self._lock:
+            self._sink.append(s)
+        return len(s)
+
+    def flush(self) -> None:
+        with contextlib.suppress(Exception):
+            self._original.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._original, "encoding", "utf-8")
+
+
+class _CapturedOutput:
+    """Streams print/logging output of the function to the owner while it runs.
+
+    Ray forwards worker output only to the driver that submitted the task, and our tasks are
+    submitted by the owner actor; so we ship the lines ourselves, batched every few hundred ms.
+    """
+
+    def __init__(self, owner: Any, task_key: Any) -> None:
+        self._owner = owner
+        self._task_key = task_key
+        self._buffer: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pending: list[Any] = []
+
+    def __enter__(self) -> _CapturedOutput:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        self._owner.task_started.remote(self._task_key, {"pid": os.getpid(), "node_id": node})
+        self._saved = (sys.stdout, sys.stderr)
+        sys.stdout = _Tee(self._saved[0], self._buffer, self._lock)
+        sys.stderr = _Tee(self._saved[1], self._buffer, self._lock)
+        self._handler = logging.StreamHandler(sys.stderr)
+        self._handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        self._saved_level = root.level
+        root.addHandler(self._handler)
+        if root.level > logging.INFO or root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)
+        self._thread = threading.Thread(target=self._pump, name="airflow-ray-log", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        self._stop.set()
+        self._thread.join(timeout=5)
+        root = logging.getLogger()
+        root.removeHandler(self._handler)
+        root.setLevel(self._saved_level)
+        sys.stdout, sys.stderr = self._saved
+        self._send()
+        with contextlib.suppress(Exception):  # lines must arrive before the task completes
+            ray.get(self._pending, timeout=10)
+
+    def _pump(self) -> None:
+        while not self._stop.wait(_FLUSH_INTERVAL_S):
+            self._send()
+
+    def _send(self) -> None:
+        with self._lock:
+            text = "".join(self._buffer)
+            self._buffer.clear()
+        if text:
+            self._pending = [p for p in self._pending if not _done(p)]
+            self._pending.append(self._owner.append_log.remote(self._task_key, text))
+
+
+def _done(ref: Any) -> bool:
+    import ray
+
+    ready, _ = ray.wait([ref], timeout=0)
+    return bool(ready)

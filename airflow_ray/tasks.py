@@ -1,0 +1,311 @@
+"""Submitting a function to Ray from an Airflow task process, and waiting for it.
+
+The Airflow process never runs the function and never holds its output: it pickles the
+function (its real code, closures and DAG-folder helper modules), swaps upstream
+:class:`~airflow_ray.store.ObjectHandle` arguments for ObjectRefs, and asks the owner actor to
+submit :func:`airflow_ray.runner.execute`. While the task runs it streams the function's
+output into the Airflow log, watches for resource requests no node can satisfy, and cancels
+the Ray task if Airflow gives up on it (``execution_timeout``, kill, ``KeyboardInterrupt``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from airflow_ray.errors import (
+    InfeasibleResourcesError,
+    RayObjectLostError,
+    RaySerializationError,
+    RayTaskError,
+)
+from airflow_ray.runner import SLOT
+from airflow_ray.store import ObjectHandle, ObjectReference, get_owner, owner_name
+
+_POLL_INTERVAL_S = 0.2
+_FEASIBILITY_INTERVAL_S = 2.0
+_CANCEL_GRACE_S = 10.0
+_SERIALIZATION_HINTS = ("pickle", "serializ", "Could not serialize")
+
+
+@dataclass
+class TaskRequest:
+    """Everything needed to run one task instance's function on Ray."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    task_key: tuple[str, str, str, int]
+    options: dict[str, Any] = field(default_factory=dict)
+    split: str | None = None
+    infeasible_timeout: float = 60.0
+
+    @property
+    def label(self) -> str:
+        dag_id, run_id, task_id, map_index = self.task_key
+        index = "" if map_index < 0 else f"[{map_index}]"
+        return f"task '{task_id}'{index} of DAG '{dag_id}' (run '{run_id}')"
+
+
+def run(request: TaskRequest, log: logging.Logger) -> list[dict[str, Any]]:
+    """Run the function on Ray and return the owner's description of its outputs.
+
+    Raises an Airflow exception with a clear message for every failure; on any exception
+    while waiting (timeout, kill) the Ray task is cancelled before the exception propagates.
+    """
+    import ray
+
+    fn_blob = pickle_function(request.fn, request.label)
+    template, handles = extract_handles((request.args, request.kwargs))
+    inputs = resolve([h.reference for h in handles])
+    call_blob = _dumps(template, f"the arguments of {request.label}")
+    dag_id, run_id, *_ = request.task_key
+    owner = get_owner(owner_name(dag_id, run_id), create=True)
+    run_ref = owner.run.remote(request.task_key, fn_blob, call_blob, inputs, request.options, request.split)
+    try:
+        _wait(run_ref, owner, request, log)
+    except BaseException:
+        _cancel(run_ref, owner, request, log)
+        raise
+    result = ray.get(run_ref)
+    if not result["ok"]:
+        raise _translate(result["error"], request, handles)
+    return result["outputs"]
+
+
+def pickle_function(fn: Callable[..., Any], label: str) -> bytes:
+    """Cloudpickle the function by value where needed.
+
+    Airflow imports DAG files under generated module names, and helper modules beside them
+    are importable only from the DAGs folder; Ray workers have neither. Those modules are
+    pickled by value (code and globals), everything installed is pickled by reference.
+    """
+    for module in _local_modules(fn):
+        import ray.cloudpickle as cloudpickle
+
+        cloudpickle.register_pickle_by_value(module)
+    return _dumps(fn, f"the function of {label}")
+
+
+def extract_handles(obj: Any) -> tuple[Any, list[ObjectHandle]]:
+    """Replace every :class:`ObjectHandle` (at any depth) by a slot the worker fills in."""
+    handles: list[ObjectHandle] = []
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, ObjectHandle):
+            handles.append(value)
+            return {SLOT: len(handles) - 1, "path": list(value.path)}
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(walk(v) for v in value)
+        return value
+
+    return walk(obj), handles
+
+
+def resolve(references: list[ObjectReference]) -> list[Any]:
+    """ObjectRefs for the referenced objects, asked of each owner in one call.
+
+    An object its owner no longer knows about, or an owner that is gone, is an error that
+    names the upstream task and says how to recover.
+    """
+    import ray
+
+    refs: list[Any] = [None] * len(references)
+    by_owner: dict[str, list[int]] = {}
+    for i, reference in enumerate(references):
+        by_owner.setdefault(reference.owner, []).append(i)
+    for name, indexes in by_owner.items():
+        group = [references[i] for i in indexes]
+        try:
+            owner = get_owner(name)
+            boxed = ray.get(owner.lookup.remote([r.entry_key for r in group]))
+        except (ValueError, ray.exceptions.RayActorError) as exc:
+            raise lost_error(group[0], f"its owner actor '{name}' is gone") from exc
+        for i, reference, box in zip(indexes, group, boxed, strict=True):
+            if box is None:
+                raise lost_error(reference, "its owner no longer holds it (freed or owner restarted)")
+            refs[i] = box[0]
+    return refs
+
+
+def lost_error(reference: ObjectReference, why: str) -> RayObjectLostError:
+    return RayObjectLostError(
+        f"The output of {reference.describe()} is no longer in Ray's object store: {why}. "
+        f"Clear and re-run '{reference.task_id}' to recompute it, or give it checkpoint=True so "
+        "a lost output is restored from object storage."
+    )
+
+
+def required_resources(options: dict[str, Any]) -> dict[str, float]:
+    """The resource request Ray will schedule on, in the names ``ray.nodes()`` reports."""
+    wanted: dict[str, float] = {"CPU": float(options.get("num_cpus", 1) or 0)}
+    if options.get("num_gpus"):
+        wanted["GPU"] = float(options["num_gpus"])
+    if options.get("memory"):
+        wanted["memory"] = float(options["memory"])
+    for name, amount in (options.get("resources") or {}).items():
+        wanted[name] = float(amount)
+    if options.get("accelerator_type"):
+        wanted[f"accelerator_type:{options['accelerator_type']}"] = 0.001
+    return {k: v for k, v in wanted.items() if v > 0}
+
+
+def missing_resources(wanted: dict[str, float], nodes: list[dict[str, Any]]) -> str | None:
+    """None if some alive node can satisfy ``wanted``; else what the closest node lacks."""
+    best: list[str] | None = None
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        have = node.get("Resources", {})
+        lacking = [
+            f"{name}={amount:g} (node has {have.get(name, 0):g})"
+            for name, amount in wanted.items()
+            if have.get(name, 0) + 1e-9 < amount
+        ]
+        if not lacking:
+            return None
+        if best is None or len(lacking) < len(best):
+            best = lacking
+    return ", ".join(best or [f"{k}={v:g}" for k, v in wanted.items()])
+
+
+# --- private helpers -----------------------------------------------------------------------
+
+
+def _wait(run_ref: Any, owner: Any, request: TaskRequest, log: logging.Logger) -> None:
+    import ray
+
+    offset = 0
+    wanted = required_resources(request.options)
+    infeasible_since: float | None = None
+    next_check = 0.0
+    while True:
+        ready, _ = ray.wait([run_ref], timeout=_POLL_INTERVAL_S)
+        state = ray.get(owner.poll.remote(request.task_key, offset))
+        offset = state["offset"]
+        for chunk in state["log"]:
+            for line in chunk.rstrip("\n").split("\n"):
+                log.info("[ray] %s", line)
+        if ready:
+            return
+        now = time.monotonic()
+        if state["started"] or now < next_check:
+            continue
+        next_check = now + _FEASIBILITY_INTERVAL_S
+        lacking = missing_resources(wanted, ray.nodes())
+        if lacking is None:
+            infeasible_since = None
+            continue
+        infeasible_since = infeasible_since or now
+        if now - infeasible_since >= request.infeasible_timeout:
+            raise InfeasibleResourcesError(
+                f"{request.label} asks for resources no node of the Ray cluster has: {lacking}. "
+                f"Waited {request.infeasible_timeout:g}s (raise [ray] infeasible_task_timeout for "
+                "an autoscaling cluster that adds such nodes on demand)."
+            )
+        log.warning("Waiting for resources no node has yet: %s", lacking)
+
+
+def _cancel(run_ref: Any, owner: Any, request: TaskRequest, log: logging.Logger) -> None:
+    """Best effort: cancel the Ray task and wait briefly for the cancellation to land."""
+    import ray
+
+    try:
+        cancelled = ray.get(owner.cancel.remote(request.task_key), timeout=_CANCEL_GRACE_S)
+        ray.wait([run_ref], timeout=_CANCEL_GRACE_S)
+        log.warning(
+            "Cancelled the Ray task of %s" if cancelled else "No Ray task to cancel for %s", request.label
+        )
+    except Exception:  # the cluster may be the reason we are failing
+        log.exception("Could not cancel the Ray task of %s", request.label)
+
+
+def _translate(error: dict[str, Any], request: TaskRequest, handles: list[ObjectHandle]) -> Exception:
+    kind, details = error["kind"], error["details"]
+    if kind in (
+        "ObjectLostError",
+        "OwnerDiedError",
+        "ObjectReconstructionFailedError",
+        "ObjectReconstructionFailedMaxAttemptsExceededError",
+        "ObjectReconstructionFailedLineageEvictedError",
+        "ReferenceCountingAssertionError",
+    ):
+        upstream = handles[0].reference if handles else None
+        if upstream is not None:
+            return lost_error(upstream, details.splitlines()[0] if details else kind)
+    if kind in ("TaskCancelledError",):
+        return RayTaskError(f"The Ray task of {request.label} was cancelled.")
+    if any(hint in details for hint in _SERIALIZATION_HINTS) and "Traceback" not in error["message"]:
+        return RaySerializationError(
+            f"The return value of {request.label} cannot be serialized by Ray: {error['message']}"
+        )
+    return RayTaskError(
+        f"{request.label} failed on Ray with {error['type']}: {error['message']}\n"
+        f"Remote traceback:\n{details}"
+    )
+
+
+def _dumps(obj: Any, what: str) -> bytes:
+    import ray.cloudpickle as cloudpickle
+
+    try:
+        return cloudpickle.dumps(obj)
+    except Exception as exc:
+        raise RaySerializationError(
+            f"Cannot send {what} to Ray: {type(exc).__name__}: {exc}. Values crossing to Ray "
+            "must be picklable; create clients, connections, locks and open files inside the function."
+        ) from exc
+
+
+def _local_modules(fn: Callable[..., Any]) -> list[ModuleType]:
+    """Modules of the DAGs folder that ``fn`` needs (its own, and helpers it references)."""
+    roots = _dags_folders()
+    seen: set[str] = set()
+    found: list[ModuleType] = []
+
+    def visit(name: str | None) -> None:
+        if not name or name in seen:
+            return
+        seen.add(name)
+        module = sys.modules.get(name)
+        file = getattr(module, "__file__", None)
+        if module is None or file is None or name == "__main__":
+            return
+        local = name.startswith("unusual_prefix_") or any(
+            Path(file).resolve().is_relative_to(root) for root in roots
+        )
+        if not local:
+            return
+        found.append(module)
+        for value in vars(module).values():
+            if inspect.ismodule(value):
+                visit(value.__name__)
+            elif inspect.isfunction(value) or inspect.isclass(value):
+                visit(getattr(value, "__module__", None))
+
+    visit(getattr(fn, "__module__", None))
+    for value in getattr(fn, "__globals__", {}).values():
+        if inspect.ismodule(value):
+            visit(value.__name__)
+    return found
+
+
+def _dags_folders() -> list[Path]:
+    try:
+        from airflow.sdk.configuration import conf
+
+        folder = conf.get("core", "dags_folder", fallback=None)
+    except Exception:
+        folder = None
+    return [Path(folder).expanduser().resolve()] if folder else []

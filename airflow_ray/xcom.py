@@ -1,0 +1,216 @@
+"""``RayXComBackend``: XCom values live in Ray's object store; the XCom table holds a reference.
+
+Enable it with one environment variable::
+
+    AIRFLOW__CORE__XCOM_BACKEND=airflow_ray.xcom.RayXComBackend
+
+What is stored where:
+
+* ``@ray_task`` outputs never leave Ray: the owner actor submitted the task, owns its return
+  value, and the XCom row gets a small JSON reference (owner, key, object id, type, shape or
+  rows, bytes, checkpoint URI), e.g.
+  ``{"__airflow_ray__": 1, "object_id": "…", "summary": {"type": "pandas…DataFrame", "rows": 10000, …}}``.
+* Plain ``@task`` outputs smaller than ``[ray] xcom_threshold_bytes`` are stored in the table as
+  Airflow always does; larger ones (or ones Airflow cannot serialize, like a fitted model) are
+  adopted by the owner, and the row gets a reference.
+* Readers: a ``@ray_task`` consumer receives a handle that its Ray worker resolves (zero-copy on
+  the same node; the Airflow process never loads the data); a plain ``@task`` receives the value.
+
+When data is freed: see ``docs/xcom.md``. In short: when the task is re-run (its old objects
+are replaced), when its XCom is cleared, when ``airflow-ray gc`` finds the run deleted, and after
+``[ray] object_ttl_seconds``.
+
+This module is imported by Airflow while Airflow itself is initialising: keep module-level
+imports to the standard library and ``BaseXCom``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from airflow.sdk.bases.xcom import BaseXCom
+
+from airflow_ray.store import MARKER, ObjectReference
+
+log = logging.getLogger(__name__)
+
+#: The connection the backend uses for plain tasks (which have no ``ray_conn_id`` of their own).
+XCOM_RAY_CONN_ID = "ray_default"
+
+
+class RayXComBackend(BaseXCom):
+    """XCom backend storing values in Ray's object store and references in the XCom table."""
+
+    @staticmethod
+    def serialize_value(
+        value: Any,
+        *,
+        key: str | None = None,
+        task_id: str | None = None,
+        dag_id: str | None = None,
+        run_id: str | None = None,
+        map_index: int | None = None,
+    ) -> Any:
+        from airflow_ray.store import RayResult
+
+        if isinstance(value, RayResult):
+            return value.reference.to_json()
+        if isinstance(value, dict) and value and all(isinstance(v, RayResult) for v in value.values()):
+            return {k: v.reference.to_json() for k, v in value.items()}  # multiple_outputs
+        inline = _inline_or_none(value)
+        if inline is not None:
+            return inline
+        if None in (key, task_id, dag_id, run_id):
+            raise ValueError("RayXComBackend needs the XCom's key, task_id, dag_id and run_id")
+        return _adopt(value, key, task_id, dag_id, run_id, -1 if map_index is None else map_index)
+
+    @staticmethod
+    def deserialize_value(result: Any) -> Any:
+        data = _load(result.value)
+        if ObjectReference.is_reference(data):
+            return _materialize([ObjectReference.from_json(data)])[0]
+        if _is_reference_dict(data):
+            refs = {k: ObjectReference.from_json(v) for k, v in data.items()}
+            return dict(zip(refs, _materialize(list(refs.values())), strict=True))
+        return BaseXCom.deserialize_value(result)
+
+    @classmethod
+    def purge(cls, xcom: Any, *args: Any) -> None:
+        """Free the objects behind an XCom that Airflow is deleting (e.g. before a retry)."""
+        data = _load(getattr(xcom, "value", None))
+        if ObjectReference.is_reference(data):
+            references = [ObjectReference.from_json(data)]
+        elif _is_reference_dict(data):
+            references = [ObjectReference.from_json(v) for v in data.values()]
+        else:
+            return
+        try:
+            release(references)
+        except Exception:  # cleanup must never fail the task that triggered it
+            log.warning("Could not free Ray objects of %s", references[0].describe(), exc_info=True)
+
+
+def release(references: list[ObjectReference]) -> None:
+    """Ask the owners to drop the given entries (their objects are freed)."""
+    import ray
+
+    from airflow_ray.hooks import RayHook
+    from airflow_ray.store import get_owner
+
+    RayHook(references[0].ray_conn_id).connect()
+    ray.get([get_owner(r.owner).release.remote(r.entry_key) for r in references], timeout=30)
+
+
+# --- private helpers -----------------------------------------------------------------------
+
+
+def _load(value: Any) -> Any:
+    """XCom values reach us parsed, but tolerate a JSON string (older API server responses)."""
+    if isinstance(value, str) and value.startswith("{") and MARKER in value:
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _is_reference_dict(data: Any) -> bool:
+    return (
+        isinstance(data, dict) and bool(data) and all(ObjectReference.is_reference(v) for v in data.values())
+    )
+
+
+def _inline_or_none(value: Any) -> Any:
+    """Airflow's own serialization if the value is small enough for the table, else None."""
+    from airflow_ray import config
+
+    threshold = config.xcom_threshold_bytes()
+    if value is None:
+        return BaseXCom.serialize_value(value)
+    size = _known_size(value)
+    if size is not None and size >= threshold:
+        return None
+    try:
+        serialized = BaseXCom.serialize_value(value)
+    except Exception:  # Airflow cannot store it (a model, a custom class): Ray can
+        return None
+    if len(json.dumps(serialized, default=str)) >= threshold:
+        return None
+    return serialized
+
+
+def _known_size(value: Any) -> int | None:
+    """Bytes of array-like values without serializing them (serde of a 50 MB frame takes ~9 s)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value)
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    memory_usage = getattr(value, "memory_usage", None)
+    if callable(memory_usage) and hasattr(value, "columns"):
+        return int(memory_usage(index=True, deep=False).sum())
+    return None
+
+
+def _adopt(value: Any, key: str, task_id: str, dag_id: str, run_id: str, map_index: int) -> dict[str, Any]:
+    import ray
+
+    from airflow_ray.hooks import RayHook
+    from airflow_ray.runner import summarize
+    from airflow_ray.store import get_owner, owner_name
+
+    RayHook(XCOM_RAY_CONN_ID).connect()
+    name = owner_name(dag_id, run_id)
+    summary = summarize(value)
+    entry_key = (dag_id, run_id, task_id, map_index, key)
+    object_id = ray.get(get_owner(name, create=True).adopt.remote(entry_key, value, summary))
+    reference = ObjectReference(
+        owner=name,
+        dag_id=dag_id,
+        run_id=run_id,
+        task_id=task_id,
+        map_index=map_index,
+        key=key,
+        object_id=object_id,
+        summary=summary,
+        ray_conn_id=XCOM_RAY_CONN_ID,
+    )
+    return reference.to_json()
+
+
+def _materialize(references: list[ObjectReference]) -> list[Any]:
+    """Handles for a Ray consumer, values for everyone else."""
+    from airflow_ray.store import handle_for
+
+    if _consumer_is_ray_task():
+        return [handle_for(r) for r in references]
+    import ray
+
+    from airflow_ray import tasks
+    from airflow_ray.hooks import RayHook
+
+    RayHook(references[0].ray_conn_id).connect()
+    refs = tasks.resolve(references)
+    try:
+        return ray.get(refs)
+    except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
+        raise tasks.lost_error(references[0], type(exc).__name__) from exc
+
+
+def _consumer_is_ray_task() -> bool:
+    """Is the task whose arguments Airflow is rendering right now a Ray task?
+
+    Airflow resolves XComArgs while rendering template fields, inside ``set_current_context``;
+    for a mapped task the context's task is still the MappedOperator, whose ``operator_class``
+    tells what it will become.
+    """
+    try:
+        from airflow.sdk import get_current_context
+
+        task = get_current_context()["task"]
+    except Exception:
+        return False
+    cls = getattr(task, "operator_class", None) or type(task)
+    return bool(getattr(cls, "_airflow_ray_consumer", False))
