@@ -16,12 +16,13 @@ the examples downloads it, so they default to :func:`make_synthetic_higgs`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
+    import pyarrow.fs
     import ray.data
 
 LABEL = "label"
@@ -48,7 +49,9 @@ HIGGS_DTYPES: dict[str, str] = {LABEL: "int8", **dict.fromkeys(FEATURES, "float3
 DEFAULT_ROWS = 200_000
 
 
-def read_higgs(path_or_uri: str, n_rows: int | None = None) -> ray.data.Dataset:
+def read_higgs(
+    path_or_uri: str, n_rows: int | None = None, storage_options: dict[str, Any] | None = None
+) -> ray.data.Dataset:
     """Read UCI-format HIGGS CSV (no header, gzip or plain) as a lazy, distributed Ray Dataset.
 
     Use this when the data should stay in the cluster (e.g. ``datasets=`` of a Ray trainer);
@@ -59,13 +62,15 @@ def read_higgs(path_or_uri: str, n_rows: int | None = None) -> ray.data.Dataset:
         file is one read task (gzip cannot be split): to read in parallel, store several parts.
     :param n_rows: keep only the first ``n_rows`` rows; reading stops early, so a small sample of
         the 2.6 GB file is cheap.
+    :param storage_options: fsspec options for the URI's filesystem (credentials, endpoint...);
+        by default fsspec's own configuration and the environment apply.
     :returns: a Dataset with :data:`HIGGS_COLUMNS`, all float32 as in the file (the label is
         0.0/1.0 here; :func:`load_higgs` casts it to int8).
     """
     import pyarrow.csv
     import ray.data
 
-    path, filesystem = _resolve(path_or_uri)
+    path, filesystem = _resolve(path_or_uri, storage_options or {})
     ds = ray.data.read_csv(
         path,
         filesystem=filesystem,
@@ -78,14 +83,16 @@ def read_higgs(path_or_uri: str, n_rows: int | None = None) -> ray.data.Dataset:
     return ds.limit(n_rows) if n_rows is not None else ds
 
 
-def load_higgs(path_or_uri: str, n_rows: int | None = None) -> pd.DataFrame:
+def load_higgs(
+    path_or_uri: str, n_rows: int | None = None, storage_options: dict[str, Any] | None = None
+) -> pd.DataFrame:
     """Read UCI-format HIGGS CSV with Ray Data and return it as one pandas DataFrame.
 
     A DataFrame rather than a Dataset because that is what notebook code (and xgboost, sklearn)
     works with, and it is what the DAG passes between tasks through the object-store XCom. Rows
     keep the file's order. See :func:`read_higgs` for the arguments.
     """
-    df = read_higgs(path_or_uri, n_rows).to_pandas()
+    df = read_higgs(path_or_uri, n_rows, storage_options).to_pandas()
     return df[HIGGS_COLUMNS].astype(HIGGS_DTYPES).reset_index(drop=True)
 
 
@@ -157,19 +164,20 @@ def make_synthetic_higgs(n_rows: int = DEFAULT_ROWS, seed: int = 0) -> pd.DataFr
     return pd.DataFrame(columns)[HIGGS_COLUMNS].astype(HIGGS_DTYPES)
 
 
-def _resolve(path_or_uri: str):
+def _resolve(path_or_uri: str, storage_options: dict[str, Any]) -> tuple[str, pyarrow.fs.FileSystem | None]:
     """Map a path or fsspec URI to what Ray Data reads: ``(path, pyarrow filesystem or None)``.
 
     Plain paths and ``file://`` need no filesystem object; other schemes go through fsspec
-    (wrapped for pyarrow), so anything fsspec can open works and credentials come from its config.
+    (wrapped for pyarrow), so anything fsspec can open works. The wrapped filesystem is pickled
+    to the read tasks with its options, so they reach the same endpoint with the same credentials.
     """
     import fsspec
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     if "://" not in path_or_uri:
         return path_or_uri, None
-    fs, path = fsspec.core.url_to_fs(path_or_uri)
-    if fs.protocol in ("file", "local") or "file" in fs.protocol:
+    fs, path = fsspec.core.url_to_fs(path_or_uri, **storage_options)
+    if "file" in fs.protocol:
         return path, None
     return path, PyFileSystem(FSSpecHandler(fs))
 
