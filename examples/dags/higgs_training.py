@@ -16,6 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 #: ``s3://``...). On a multi-node cluster use storage every node can read (NFS or a bucket):
 #: the best Tune checkpoint is loaded by a later task, maybe on another node.
 DEFAULT_STORAGE = "file:///tmp/airflow_ray/examples"
+
+MODEL_FILE = "model.ubj"  # the name Ray's RayTrainReportCallback uses
+CONFIG_FILE = "config.json"
 
 #: The booster parameters a Tune trial samples, as xgboost's own config names them.
 TUNED_PARAMS = ("max_depth", "min_child_weight", "subsample", "eta")
@@ -50,11 +54,21 @@ def checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
 
 
 def load_booster(uri: str) -> xgboost.Booster:
-    """Load the ``model.ubj`` that Ray's xgboost callbacks (and :class:`TuneReport`) save."""
-    import ray.train
-    from ray.train.xgboost import RayTrainReportCallback
+    """Load the model in the checkpoint at ``uri`` (``model.ubj``, as Ray's xgboost callbacks save it).
 
-    return RayTrainReportCallback.get_model(ray.train.Checkpoint(uri))
+    A saved model holds the trees but not the training parameters; when the checkpoint also has
+    the booster's ``config.json`` (:func:`tune_report` writes one) it is loaded too, so that
+    :func:`booster_params` of the loaded model tells what it was trained with.
+    """
+    import ray.train
+    import xgboost
+
+    with ray.train.Checkpoint(uri).as_directory() as directory:
+        booster = xgboost.Booster(model_file=os.path.join(directory, MODEL_FILE))
+        config = Path(directory, CONFIG_FILE)
+        if config.is_file():
+            booster.load_config(config.read_text())
+    return booster
 
 
 def booster_params(booster: xgboost.Booster) -> dict[str, float]:
@@ -88,6 +102,8 @@ def report_every_n_rounds(frequency: int = 0) -> xgboost.callback.TrainingCallba
 def tune_report(every: int) -> xgboost.callback.TrainingCallback:
     """An xgboost callback for Ray Tune: every ``every`` rounds, report metrics and a checkpoint.
 
+    (Ray's ``TuneReportCheckpointCallback`` reports every round and keeps no training config.)
+
     Each report carries the latest eval metrics (``valid-logloss``...), ``rounds`` (the time axis
     for ASHA) and :func:`booster_params` read back from the model, so every trial's results prove
     which configuration it really trained with, including trials ASHA stopped early.
@@ -107,7 +123,8 @@ def tune_report(every: int) -> xgboost.callback.TrainingCallback:
             }
             metrics |= {"rounds": rounds, **{f"booster_{k}": v for k, v in booster_params(model).items()}}
             with tempfile.TemporaryDirectory() as tmp:
-                model.save_model(os.path.join(tmp, "model.ubj"))
+                model.save_model(os.path.join(tmp, MODEL_FILE))
+                Path(tmp, CONFIG_FILE).write_text(model.save_config())
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
             return False
 
@@ -121,4 +138,5 @@ def _uri(filesystem: pyarrow.fs.FileSystem | None, path: str) -> str:
     if scheme is None:  # an fsspec filesystem wrapped for pyarrow
         protocol = filesystem.handler.fs.protocol
         scheme = protocol if isinstance(protocol, str) else protocol[0]
-    return Path(path).absolute().as_uri() if scheme == "file" else f"{scheme}://{path}"
+    # Quote only what a URI cannot hold: Tune's trial directories are full of "=" and ",".
+    return f"{scheme}://{quote(path, safe='/=,:+@~')}"
