@@ -40,10 +40,12 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
 import platform
+import queue
 import re
 import sys
 from collections import deque
@@ -63,6 +65,11 @@ MANIFEST_NAME = "manifest.json"
 # Large blocks keep per-call overhead (Python, HTTP requests, multipart parts) negligible next to
 # the bytes moved; 32 MiB is also a valid S3 multipart part size.
 _BLOCK_SIZE = 32 * 1024 * 1024
+# Reads from object stores use fewer, larger requests: one GET streams at full speed, while some
+# S3-compatible servers (moto among them) re-read the whole object for every ranged GET.
+_REMOTE_READ_BLOCK = 512 * 1024 * 1024
+# First read of an .npy file: the header (usually 128 bytes) and the start of the data.
+_NPY_PREFIX_BYTES = 1024 * 1024
 # Below this, hashing on a helper thread costs more in hand-off than it saves.
 _THREADED_HASH_MIN = 1024 * 1024
 # Rows compared after a Parquet round trip to decide whether a DataFrame can be stored as Parquet.
@@ -612,29 +619,34 @@ def _load_manifest(fs: AbstractFileSystem, dir_path: str) -> dict[str, Any]:
 
 
 class _StreamHash:
-    """sha256 and byte count of a stream, fed on a helper thread.
+    """sha256 and byte count of a stream, computed on one helper thread, in submission order.
 
-    ``hashlib`` and file/socket I/O both release the GIL on large buffers, so hashing block N
-    while block N+1 is written or read costs close to nothing on two cores. ``submit`` callers
-    must leave the buffer untouched until it is hashed: ``wait`` (or ``result``) guarantees it.
+    ``hashlib`` and file/socket I/O release the GIL on large buffers, so hashing block N while
+    block N+1 is read, written or encoded costs little on two cores. Callers of ``submit`` leave
+    the buffer untouched until ``wait`` (or ``result``) returns. At most ``max_pending`` blocks
+    are in flight, which bounds the memory held by staged blocks.
     """
 
     def __init__(self, pool: concurrent.futures.Executor, max_pending: int = 2) -> None:
         self._pool = pool
         self._sha = hashlib.sha256()
-        self._pending: deque[concurrent.futures.Future[None]] = deque()
+        self._pending: deque[concurrent.futures.Future[Any]] = deque()
         self._max_pending = max_pending
         self.nbytes = 0
 
     def submit(self, view: memoryview) -> None:
+        """Hash ``view`` on the helper thread (inline when small: a hand-off would cost more)."""
         self.nbytes += view.nbytes
         if view.nbytes < _THREADED_HASH_MIN:
             self.wait()
             self._sha.update(view)
-            return
-        while len(self._pending) >= self._max_pending:
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self._sha.update, view))
+        else:
+            self._enqueue(self._sha.update, view)
+
+    def submit_then(self, block: memoryview, then: Callable[[memoryview], Any]) -> None:
+        """Hash ``block`` and then pass it to ``then`` (a write), both on the helper thread."""
+        self.nbytes += block.nbytes
+        self._enqueue(self._update_then, block, then)
 
     def wait(self) -> None:
         while self._pending:
@@ -644,27 +656,77 @@ class _StreamHash:
         self.wait()
         return self._sha.hexdigest(), self.nbytes
 
+    def _enqueue(self, fn: Callable[..., Any], *args: Any) -> None:
+        while len(self._pending) >= self._max_pending:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def _update_then(self, block: memoryview, then: Callable[[memoryview], Any]) -> None:
+        self._sha.update(block)
+        then(block)
+
 
 class _HashingWriter:
-    """Write-only file object that hashes every block on its way to ``raw``.
+    """Write-only file object that hashes every byte on its way to ``raw``.
 
-    pyarrow and pickle reuse their buffers once ``write`` returns, so each block's hash is joined
-    before returning; it still overlaps the block's own write.
+    Producers (the Parquet encoder, the pickler) hand over many small pieces and reuse their
+    buffers once ``write`` returns. Small pieces are copied into a block-sized staging buffer
+    that the helper thread hashes and writes while the producer carries on encoding: the copy
+    (memcpy speed) buys overlap of encoding with hashing and I/O. Staging buffers are recycled,
+    so memory stays at a few blocks. Pieces of a block or more (Arrow IPC bodies) are not copied:
+    each block is hashed on the helper thread while written here. ``finish`` must be called once
+    the producer is done; errors of the helper thread surface there (or at the next hand-off).
     """
 
     def __init__(self, raw: Any, digest: _StreamHash) -> None:
         self._raw = raw
         self._digest = digest
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._stage = bytearray(_BLOCK_SIZE)
+        self._staged = 0
+        self._position = 0
         self.closed = False
 
     def write(self, data: Any) -> int:
         view = _byte_view(data)
-        self._digest.submit(view)
-        try:
-            self._raw.write(view)
-        finally:
+        size = view.nbytes
+        if size >= _BLOCK_SIZE:
+            self._hand_off_stage()
+            self._digest.wait()  # keep the order of bytes in ``raw``
+            for start in range(0, size, _BLOCK_SIZE):
+                block = view[start : start + _BLOCK_SIZE]
+                self._digest.submit(block)
+                self._raw.write(block)
             self._digest.wait()
-        return view.nbytes
+        else:
+            if self._staged + size > _BLOCK_SIZE:
+                self._hand_off_stage()
+            self._stage[self._staged : self._staged + size] = view
+            self._staged += size
+        self._position += size
+        return size
+
+    def finish(self) -> None:
+        """Write what is staged and wait until every byte is hashed and handed to ``raw``."""
+        self._hand_off_stage()
+        self._digest.wait()
+
+    def _hand_off_stage(self) -> None:
+        if not self._staged:
+            return
+        stage, staged = self._stage, self._staged
+        self._digest.submit_then(memoryview(stage)[:staged], functools.partial(self._write_block, stage))
+        try:
+            self._stage = self._free.get_nowait()
+        except queue.Empty:
+            self._stage = bytearray(_BLOCK_SIZE)
+        self._staged = 0
+
+    def _write_block(self, stage: bytearray, view: memoryview) -> None:
+        """Runs on the helper thread: write a hashed staging block, then recycle its buffer."""
+        self._raw.write(view)
+        view.release()
+        self._free.put(stage)
 
     def writable(self) -> bool:
         return True
@@ -676,27 +738,16 @@ class _HashingWriter:
         return False
 
     def tell(self) -> int:
-        return self._digest.nbytes
+        return self._position
 
     def flush(self) -> None:
         pass
 
     def close(self) -> None:
-        # The underlying file is closed (and an upload completed) by its owner's ``with``.
-        self.closed = True
-
-
-class _HashingReader:
-    """Read-only file object that hashes what numpy's header parser reads."""
-
-    def __init__(self, raw: Any, digest: _StreamHash) -> None:
-        self._raw = raw
-        self._digest = digest
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
-        self._digest.submit(memoryview(data))
-        return data
+        # pyarrow closes its sink; the real file is closed (upload completed) by write_checkpoint.
+        if not self.closed:
+            self.finish()
+            self.closed = True
 
 
 def _byte_view(data: Any) -> memoryview:
@@ -706,17 +757,21 @@ def _byte_view(data: Any) -> memoryview:
     return view
 
 
-def _read_exact(raw: Any, view: memoryview, digest: _StreamHash) -> int:
+def _read_exact(raw: Any, view: memoryview, digest: _StreamHash, block_size: int) -> int:
     """Fill ``view`` from ``raw`` in blocks, hashing each filled block while the next is read."""
     pos, total = 0, view.nbytes
     while pos < total:
-        chunk = view[pos : pos + _BLOCK_SIZE]
+        chunk = view[pos : pos + block_size]
         got = raw.readinto(chunk)
         if not got:
             break
         digest.submit(chunk[:got])
         pos += got
     return pos
+
+
+def _read_block_size(fs: AbstractFileSystem) -> int:
+    return _BLOCK_SIZE if _is_local(fs) else max(_BLOCK_SIZE, _REMOTE_READ_BLOCK)
 
 
 def _read_verified_buffer(
@@ -731,7 +786,7 @@ def _read_verified_buffer(
     buffer = allocate(size)
     digest = _StreamHash(pool)
     with fs.open(path, "rb", block_size=_BLOCK_SIZE, cache_type="none") as raw:
-        got = _read_exact(raw, memoryview(buffer), digest)
+        got = _read_exact(raw, memoryview(buffer), digest, _read_block_size(fs))
     _check_digest(fs, path, manifest, digest, got)
     return buffer
 
@@ -817,8 +872,9 @@ def _plan_dataframe(df: Any) -> _Plan | None:
     def write(raw: Any, digest: _StreamHash) -> None:
         import pyarrow.parquet as pq
 
-        with pa.output_stream(_HashingWriter(raw, digest), buffer_size=_BLOCK_SIZE) as sink:
-            pq.write_table(table, sink, compression="snappy")
+        sink = _HashingWriter(raw, digest)
+        pq.write_table(table, sink, compression="snappy")
+        sink.finish()
 
     return _Plan(
         format="parquet",
@@ -876,11 +932,10 @@ def _plan_arrow_table(table: Any) -> _Plan:
     import pyarrow as pa
 
     def write(raw: Any, digest: _StreamHash) -> None:
-        with (
-            pa.output_stream(_HashingWriter(raw, digest), buffer_size=_BLOCK_SIZE) as sink,
-            pa.ipc.new_file(sink, table.schema) as writer,
-        ):
+        sink = _HashingWriter(raw, digest)
+        with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
+        sink.finish()
 
     return _Plan(
         format="arrow_ipc",
@@ -893,7 +948,6 @@ def _plan_arrow_table(table: Any) -> _Plan:
 
 def _plan_ndarray(array: Any) -> _Plan | None:
     """``.npy`` for arrays without Python objects; header built up front so failures fall back."""
-    import io
 
     import numpy as np
 
@@ -952,7 +1006,9 @@ def _plan_pickle(value: Any) -> _Plan:
     pickler_name, pickler = _cloudpickle()
 
     def write(raw: Any, digest: _StreamHash) -> None:
-        pickler.dump(value, _HashingWriter(raw, digest), protocol=5)
+        sink = _HashingWriter(raw, digest)
+        pickler.dump(value, sink, protocol=5)
+        sink.finish()
 
     # len() only of builtin containers: on arbitrary objects it may be costly or lazy.
     rows = len(value) if isinstance(value, list | tuple | dict | set | frozenset) else None
@@ -1005,39 +1061,62 @@ def _read_arrow_ipc(
 def _read_npy(
     fs: AbstractFileSystem, path: str, manifest: dict[str, Any], pool: concurrent.futures.Executor
 ) -> Any:
-    """Header parsed, then the bytes read straight into the destination array: no second copy."""
+    """Header parsed, then the bytes read straight into the destination array: no second copy.
+
+    The header comes from one prefix read, data bytes in it go to the array too: on object stores
+    that prefix is a whole read block, so a small array costs one GET, not one per header field.
+    """
     import numpy as np
 
+    size = manifest["bytes"]
     digest = _StreamHash(pool)
     with fs.open(path, "rb", block_size=_BLOCK_SIZE, cache_type="none") as raw:
-        header_reader = _HashingReader(raw, digest)
+        first_read = _NPY_PREFIX_BYTES if _is_local(fs) else _read_block_size(fs)
+        prefix = raw.read(min(size, first_read))
         try:
-            version = np.lib.format.read_magic(header_reader)
+            header_size = _npy_header_size(prefix)
+            if header_size > len(prefix):
+                prefix += raw.read(header_size - len(prefix))
+            header = io.BytesIO(prefix[:header_size])
+            version = np.lib.format.read_magic(header)
             read_header = (
                 np.lib.format.read_array_header_1_0
                 if version == (1, 0)
                 else np.lib.format.read_array_header_2_0
             )
-            shape, fortran_order, dtype = read_header(header_reader, max_header_size=2**31)
+            shape, fortran_order, dtype = read_header(header, max_header_size=header_size)
         except (ValueError, SyntaxError, EOFError) as exc:
             raise CheckpointCorruptError(
                 f"Checkpoint data file {_display(fs, path)} has an invalid .npy header: {exc}",
                 _display(fs, path),
             ) from exc
-        header_bytes = digest.nbytes
+        digest.submit(memoryview(prefix))
         array = np.empty(shape, dtype=dtype, order="F" if fortran_order else "C")
-        expected = manifest["bytes"] - header_bytes
-        if array.nbytes != expected:
+        if array.nbytes != size - header_size:
             raise CheckpointCorruptError(
                 f"Checkpoint data file {_display(fs, path)} is truncated or altered: header says "
-                f"{array.nbytes} data bytes, file holds {expected}",
+                f"{array.nbytes} data bytes, file holds {size - header_size}",
                 _display(fs, path),
             )
-        got = header_bytes
+        got = len(prefix)
         if array.nbytes:
-            got += _read_exact(raw, memoryview(array.ravel(order="A").view(np.uint8)), digest)
+            target = memoryview(array.ravel(order="A").view(np.uint8))
+            head = len(prefix) - header_size
+            target[:head] = memoryview(prefix)[header_size:]
+            got += _read_exact(raw, target[head:], digest, _read_block_size(fs))
     _check_digest(fs, path, manifest, digest, got)
     return array
+
+
+def _npy_header_size(prefix: bytes) -> int:
+    """Total header length of an ``.npy`` file from its first bytes (magic, version, length)."""
+    if len(prefix) < 10 or prefix[:6] != b"\x93NUMPY":
+        raise ValueError("not an .npy file (bad magic)")
+    if prefix[6] == 1:
+        return 10 + int.from_bytes(prefix[8:10], "little")
+    if len(prefix) < 12:
+        raise ValueError("truncated .npy header")
+    return 12 + int.from_bytes(prefix[8:12], "little")
 
 
 def _read_pickle(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -122,15 +123,16 @@ class RayHook(BaseHook):
         (the user called ``ray.init`` themselves) is reused as is.
         """
         global _connected
+        target = self.target
+        apply_env(target.env)  # before Ray is imported, if it is not yet
         import ray
 
-        target = self.target
         with _connect_lock:
             if ray.is_initialized():
                 if _connected is None or _connected.address == target.address:
                     return _connected or target
                 ray.shutdown()  # we own it: switch clusters (dag.test() runs all tasks in one process)
-            os.environ.update(target.env)
+            apply_env(target.env)
             probe(target)
             kwargs: dict[str, Any] = {
                 "address": target.address,
@@ -157,7 +159,7 @@ class RayHook(BaseHook):
         """Probe the cluster without becoming a driver (used by the UI's Test button)."""
         try:
             target = self.target
-            os.environ.update(target.env)
+            apply_env(target.env)
             probe(target)
         except Exception as exc:
             return False, str(exc)
@@ -170,10 +172,9 @@ class RayHook(BaseHook):
     @staticmethod
     def cluster_status(address: str, env: dict[str, str] | None = None) -> dict[str, Any]:
         """Nodes, resources and object store use of a cluster (for the CLI and tests)."""
-        import ray
         from ray._private import internal_api
 
-        os.environ.update(env or {})
+        apply_env(env or {})
         probe(RayTarget(address=address, source="airflow-ray cluster status"))
         state = internal_api.get_state_from_address(address)
         reply = internal_api.get_memory_info_reply(state)
@@ -183,7 +184,6 @@ class RayHook(BaseHook):
             for name, amount in node["Resources"].items():
                 if not name.startswith("node:"):
                     totals[name] = totals.get(name, 0.0) + amount
-        del ray
         return {
             "address": address,
             "nodes": len(nodes),
@@ -200,6 +200,26 @@ class RayHook(BaseHook):
             return self.get_connection(self.ray_conn_id)
         except AirflowNotFoundException:
             return None
+
+
+def apply_env(env: dict[str, str]) -> None:
+    """Set Ray's auth/network variables for this process, and make Ray re-read them.
+
+    Ray caches its config and the auth token when it is imported; without the refresh a
+    process that imported Ray before we set ``RAY_AUTH_MODE`` would still send no token.
+    """
+    if not env or all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    os.environ.update(env)
+    if "ray" not in sys.modules:
+        return
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in env:  # read once, at import time
+        ray_constants.ENABLE_RAY_CLUSTER = env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def probe(target: RayTarget) -> None:
@@ -265,9 +285,7 @@ def _bootstrap_address(target: RayTarget) -> str:
 
 def _target_from_connection(conn: Connection) -> RayTarget:
     host = (conn.host or "").strip()
-    if (conn.port and "://" not in host and ":" not in host) or (
-        conn.port and host.startswith("ray://") and ":" not in host[len("ray://") :]
-    ):
+    if conn.port and ":" not in host.removeprefix("ray://"):
         host = f"{host}:{conn.port}"
     return RayTarget(
         address=host,

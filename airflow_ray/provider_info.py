@@ -45,7 +45,7 @@ def get_provider_info() -> dict[str, Any]:
                     },
                     "runtime_env": {
                         "label": "Runtime environment (JSON)",
-                        "description": "Default Ray runtime_env of every task; a task's own is merged over it.",
+                        "description": "Default runtime_env of every task; a task's own is merged over it.",
                         "schema": {"type": ["string", "null"]},
                     },
                     "init_kwargs": {

@@ -53,7 +53,7 @@ def execute(
                 f"multiple_outputs=True needs the function to return a dict with str keys, "
                 f"got {type(result).__name__}"
             )
-        for value in result.values():
+        for value in result.values():  # noqa: UP028 (Ray's generator driver calls .send on yield-from targets)
             yield value
         yield {"keys": list(result), "summaries": [summarize(v) for v in result.values()]}
     else:
@@ -76,9 +76,7 @@ def summarize(value: Any) -> dict[str, Any]:
             )
         elif cls.__name__ == "Table" and hasattr(value, "num_rows"):  # pyarrow
             summary.update(rows=value.num_rows, columns=value.num_columns, bytes=int(value.nbytes))
-        elif isinstance(value, (bytes, bytearray, memoryview, str)) or isinstance(
-            value, (list, tuple, dict, set, frozenset)
-        ):
+        elif isinstance(value, (bytes, bytearray, memoryview, str, list, tuple, dict, set, frozenset)):
             summary.update(length=len(value))
     return summary
 

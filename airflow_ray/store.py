@@ -13,13 +13,17 @@ Three small types cross the Airflow/Ray boundary:
 
 from __future__ import annotations
 
-import json
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 MARKER = "__airflow_ray__"
 FORMAT_VERSION = 1
+
+OWNER_PREFIX = "airflow_ray_owner-v"
 
 _owner_cache: dict[str, Any] = {}
 
@@ -123,13 +127,17 @@ def result_for(reference: ObjectReference) -> RayResult:
 
 
 def owner_name(dag_id: str, run_id: str) -> str:
-    """The versioned name of the owner actor that holds a DAG run's objects."""
+    """The versioned name of the owner actor that holds a DAG run's objects.
+
+    The name carries the package version and a hash of the Ray-side code, so any change to
+    that code (an upgrade, a patch) gets a fresh actor instead of an old one by name.
+    """
     from airflow_ray import config
     from airflow_ray.owner import shard_for
     from airflow_ray.version import __version__
 
     shard = shard_for(dag_id, run_id, config.owner_shards())
-    return f"airflow_ray_owner-v{__version__}-{shard}"
+    return f"{OWNER_PREFIX}{__version__}-{_ray_side_code_hash()}-{shard}"
 
 
 def get_owner(name: str, *, create: bool = False) -> Any:
@@ -178,8 +186,14 @@ def ship_ray_side_code() -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
-def dumps_json(reference: ObjectReference) -> str:
-    return json.dumps(reference.to_json(), separators=(",", ":"))
+@cache
+def _ray_side_code_hash() -> str:
+    from airflow_ray import owner, runner
+
+    digest = hashlib.sha256()
+    for module in (owner, runner):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:8]
 
 
 def _short(summary: dict[str, Any]) -> str:
