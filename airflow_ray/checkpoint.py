@@ -3,9 +3,14 @@
 A checkpoint is one directory per task instance, ``<base>/<dag_id>/<run_id>/<task_id>/<map_index>/``,
 holding one data file with a stable name and a ``manifest.json`` written last::
 
+    >>> import tempfile
     >>> import pandas as pd
-    >>> from airflow_ray.checkpoint import CheckpointLocation, read_checkpoint, write_checkpoint
-    >>> loc = CheckpointLocation("file:///tmp/ckpt-doc/etl/manual__1/extract/-1/")
+    >>> from airflow_ray.checkpoint import (
+    ...     CheckpointLocation, checkpoint_uri, read_checkpoint, write_checkpoint)
+    >>> base = tempfile.mkdtemp()  # or "s3://bucket/prefix", with storage_options
+    >>> loc = CheckpointLocation(checkpoint_uri(base, dag_id="etl", run_id="manual__1", task_id="extract"))
+    >>> loc.uri.endswith("/etl/manual__1/extract/-1/")
+    True
     >>> manifest = write_checkpoint(pd.DataFrame({"x": [1, 2]}), loc)
     >>> manifest["format"], manifest["data_file"], manifest["rows"]
     ('parquet', 'data.parquet', 2)
@@ -153,7 +158,7 @@ def checkpoint_uri(base_uri: str, *, dag_id: str, run_id: str, task_id: str, map
 
     >>> checkpoint_uri("s3://b/ckpt", dag_id="etl", run_id="manual__2024-01-01T00:00:00+00:00",
     ...                task_id="extract", map_index=-1)
-    's3://b/ckpt/etl/manual__2024-01-01T00_00_00_00_00-2d5b5a27/extract/-1/'
+    's3://b/ckpt/etl/manual__2024-01-01T00_00_00_00_00-c87eaaa6/extract/-1/'
     """
     base = _normalize_base(base_uri)
     index = -1 if map_index is None else int(map_index)
@@ -354,15 +359,28 @@ def delete_run_checkpoints(
 # Airflow side: configuration and connections (imports Airflow lazily).
 
 
-@functools.cache
 def _config_option(key: str) -> str | None:
-    """Read ``[ray] <key>`` once per process (env ``AIRFLOW__RAY__<KEY>`` included); blank is unset."""
-    try:
+    """``[ray] checkpoint_path`` through the provider's declared options; blank is unset.
+
+    ``checkpoint_conn_id`` is not declared in :mod:`airflow_ray.config` yet, so it is read here
+    (env ``AIRFLOW__RAY__CHECKPOINT_CONN_ID`` or ``airflow.cfg``), once per process.
+    """
+    from airflow_ray import config
+
+    accessor = getattr(config, key, None)
+    if accessor is not None:
+        return accessor() or None
+    return _undeclared_config_option(key)
+
+
+@functools.cache
+def _undeclared_config_option(key: str) -> str | None:
+    value = os.environ.get(f"AIRFLOW__RAY__{key.upper()}")
+    if value is None:
         from airflow.sdk.configuration import conf
-    except ImportError:  # pragma: no cover - older layouts
-        from airflow.configuration import conf
-    value = conf.get("ray", key, fallback=None)
-    return value.strip() or None if value else None
+
+        value = conf.get("ray", key, fallback=None)
+    return (value or "").strip() or None
 
 
 def _get_connection(conn_id: str) -> Any:
