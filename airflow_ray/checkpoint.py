@@ -149,7 +149,9 @@ class CheckpointLocation:
             object.__setattr__(self, "uri", self.uri + "/")
 
 
-def checkpoint_uri(base_uri: str, *, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> str:
+def checkpoint_uri(
+    base_uri: str, *, dag_id: str, run_id: str, task_id: str, map_index: int | None = -1
+) -> str:
     """Return the checkpoint directory URI of one task instance under ``base_uri``.
 
     Each id is kept as is when it only has ``[A-Za-z0-9_.-]`` (Airflow dag and task ids do);
@@ -255,11 +257,18 @@ def write_checkpoint(value: Any, location: CheckpointLocation) -> dict[str, Any]
         fs.makedirs(dir_path, exist_ok=True)
     _remove_quietly(fs, manifest_path)
 
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-sha256") as pool:
-        digest = _StreamHash(pool)
-        with fs.open(data_path, "wb", block_size=_BLOCK_SIZE) as raw:
-            plan.write(raw, digest)
-        sha256, nbytes = digest.result()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-sha256") as pool:
+            digest = _StreamHash(pool)
+            with fs.open(data_path, "wb", block_size=_BLOCK_SIZE) as raw:
+                plan.write(raw, digest)
+            sha256, nbytes = digest.result()
+    except BaseException:
+        # Closing the file committed whatever was written (an object store upload completes on
+        # close): drop it, so a failed attempt leaves nothing behind but the directory.
+        with contextlib.suppress(Exception):
+            fs.rm_file(data_path)
+        raise
 
     _remove_stale_data_files(fs, dir_path, keep=data_name)
     manifest = {
@@ -622,6 +631,12 @@ def _load_manifest(fs: AbstractFileSystem, dir_path: str) -> dict[str, Any]:
     if missing:
         raise CheckpointCorruptError(
             f"Checkpoint manifest {_display(fs, path)} lacks {sorted(missing)}", _display(fs, path)
+        )
+    if manifest["data_file"] not in _FORMAT_FILES.values():
+        raise CheckpointCorruptError(
+            f"Checkpoint manifest {_display(fs, path)} names an unexpected data file "
+            f"{manifest['data_file']!r}",
+            _display(fs, path),
         )
     if manifest["format_version"] > FORMAT_VERSION:
         raise CheckpointError(

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +47,8 @@ LOOPBACK = "127.0.0.1"
 #: Environment for every process that talks to the embedded cluster (see module docstring).
 LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
 _START_TIMEOUT_S = 120.0
-_LOCK_TIMEOUT_S = 180.0
+_LOCK_TIMEOUT_S = 300.0
+_START_ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def stop() -> bool:
         cluster = _read_state()
         if cluster is None:
             return False
-        _terminate(cluster)
+        _terminate_processes(cluster.temp_dir, cluster.address)
         _state_file().unlink(missing_ok=True)
         return True
 
@@ -177,8 +179,10 @@ def _start() -> LocalCluster:
     ensure_token()
     directory = config.local_cluster_dir()
     gcs_port, client_port = _free_port(), _free_port()
-    # Ray's unix socket paths must stay short: keep the temp dir near the root.
-    temp_dir = os.path.join(tempfile.gettempdir(), f"airflow_ray_{os.getuid()}")
+    # Ray's unix socket paths must stay short: keep the temp dir near the root, one per state
+    # dir (stop() finds this cluster's processes by it).
+    tag = zlib.crc32(str(directory.resolve()).encode())
+    temp_dir = os.path.join(tempfile.gettempdir(), f"airflow_ray_{os.getuid()}_{tag:08x}")
     dashboard = config.local_cluster_dashboard()
     dashboard_port = _free_port() if dashboard else None
     cmd = [
@@ -203,19 +207,25 @@ def _start() -> LocalCluster:
     env = {**os.environ, **LOCAL_ENV}
     for var in ("RAY_ADDRESS", "RAY_URL", "RAY_AUTH_TOKEN"):
         env.pop(var, None)  # the embedded cluster always uses the local token file
-    with open(log_path, "w") as log:
-        proc = subprocess.run(
-            cmd,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            timeout=_START_TIMEOUT_S,
-            start_new_session=True,  # survive the Airflow task process that started it
-            check=False,
-        )
-    if proc.returncode != 0:
-        tail = log_path.read_text()[-2000:]
-        raise RuntimeError(f"`ray start --head` failed (exit {proc.returncode}); see {log_path}:\n{tail}")
+    for attempt in range(1, _START_ATTEMPTS + 1):
+        with open(log_path, "w") as log:
+            proc = subprocess.run(
+                cmd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=_START_TIMEOUT_S,
+                start_new_session=True,  # survive the Airflow task process that started it
+                check=False,
+            )
+        if proc.returncode == 0:
+            break
+        # Ray gives its raylet a fixed 30 s to register; on an overloaded machine that can
+        # fail once. Clean up what did start and try again before giving up.
+        _terminate_processes(temp_dir, f"{LOOPBACK}:{gcs_port}")
+        if attempt == _START_ATTEMPTS:
+            tail = log_path.read_text()[-2000:]
+            raise RuntimeError(f"`ray start --head` failed (exit {proc.returncode}); see {log_path}:\n{tail}")
     cluster = LocalCluster(
         address=f"{LOOPBACK}:{gcs_port}",
         client_address=f"ray://{LOOPBACK}:{client_port}",
@@ -229,7 +239,7 @@ def _start() -> LocalCluster:
     return cluster
 
 
-def _terminate(cluster: LocalCluster) -> None:
+def _terminate_processes(temp_dir: str, address: str) -> None:
     """Stop exactly this cluster's processes.
 
     ``ray stop`` kills every Ray process of the machine, other clusters included; we only
@@ -241,7 +251,7 @@ def _terminate(cluster: LocalCluster) -> None:
     roots = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if cluster.temp_dir in cmdline or f"--address={cluster.address}" in cmdline:
+        if temp_dir in cmdline or f"--address={address}" in cmdline:
             roots.append(proc)
     victims = {p.pid: p for root in roots for p in [root, *_children(root)]}
     for proc in victims.values():

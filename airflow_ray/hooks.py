@@ -132,6 +132,9 @@ class RayHook(BaseHook):
                 if _connected is None or _connected.address == target.address:
                     return _connected or target
                 ray.shutdown()  # we own it: switch clusters (dag.test() runs all tasks in one process)
+                from airflow_ray.store import forget_owners
+
+                forget_owners()
             apply_env(target.env)
             probe(target)
             kwargs: dict[str, Any] = {

@@ -38,6 +38,7 @@ RAY_OPTIONS = (
     "retry_exceptions",
     "scheduling_strategy",
 )
+_ATTRIBUTE = {"resources": "ray_resources"}
 _PORTABLE = (str, int, float, bool, type(None), datetime, date, timedelta)
 
 
@@ -112,7 +113,7 @@ class RayPythonOperator(PythonOperator):
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.memory = memory
-        self.resources = resources
+        self.ray_resources = resources  # BaseOperator.resources means something else
         self.runtime_env = runtime_env
         self.accelerator_type = accelerator_type
         self.max_retries = max_retries
@@ -223,7 +224,8 @@ class RayPythonOperator(PythonOperator):
 
     def ray_options(self, connection_runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
         """The ``.options(...)`` for the Ray task: our arguments, under Ray's names."""
-        options = {name: getattr(self, name) for name in RAY_OPTIONS if getattr(self, name) is not None}
+        options = {name: getattr(self, _ATTRIBUTE.get(name, name)) for name in RAY_OPTIONS}
+        options = {name: value for name, value in options.items() if value is not None}
         runtime_env = _merge_runtime_env(connection_runtime_env or {}, self.runtime_env or {})
         if runtime_env:
             options["runtime_env"] = runtime_env

@@ -320,6 +320,7 @@ def test_interrupted_write_leaves_no_manifest_then_retry_succeeds(location):
         write_checkpoint([np.zeros(10_000), _Unpicklable()], location)
     with pytest.raises(CheckpointNotFoundError):
         read_checkpoint(location)
+    assert list(_dir(location).iterdir()) == []  # the partial data file was removed
     write_checkpoint({"new": True}, location)
     assert read_checkpoint(location) == {"new": True}
     assert sorted(p.name for p in _dir(location).iterdir()) == ["data.pkl", "manifest.json"]
@@ -401,6 +402,16 @@ def test_unparsable_manifest_is_corrupt(location):
     write_checkpoint(np.arange(10), location)
     (_dir(location) / "manifest.json").write_text('{"format": "npy", ')
     with pytest.raises(CheckpointCorruptError, match=r"manifest\.json is not valid JSON"):
+        read_checkpoint(location)
+
+
+def test_manifest_cannot_point_outside_the_checkpoint(location):
+    write_checkpoint(np.arange(10), location)
+    manifest_file = _dir(location) / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["data_file"] = "../../../etc/passwd"
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointCorruptError, match="unexpected data file"):
         read_checkpoint(location)
 
 
@@ -571,6 +582,13 @@ def test_connection_extra_forms(monkeypatch, tmp_path):
         "client_kwargs": {"endpoint_url": "http://127.0.0.1:3"},
         "use_ssl": False,
     }
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_URI_FORM", f"s3://AKIA-uri:{SECRET}@bkt/pre?endpoint_url=http%3A%2F%2Fh%3A9"
+    )
+    loc = _resolve(checkpoint_source="uri_form")
+    assert loc.uri == "s3://bkt/pre/d/r/t/-1/"
+    assert loc.storage_options["key"] == "AKIA-uri" and loc.storage_options["secret"] == SECRET
+    assert loc.storage_options["client_kwargs"] == {"endpoint_url": "http://h:9"}
     local = _set_conn(monkeypatch, "local_fs", conn_type="fs", extra={"path": str(tmp_path)})
     loc = _resolve(checkpoint_source=local)
     assert loc.uri == f"{tmp_path.as_uri()}/d/r/t/-1/" and loc.storage_options == {}

@@ -1,0 +1,52 @@
+"""Small helpers for running DAGs in tests and reading what they left behind."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class RunResult:
+    dag_id: str
+    run_id: str
+    state: str
+    states: dict[str, str]
+
+    def xcom_raw(self, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
+        """The value as stored in the XCom table (what the UI shows)."""
+        from airflow.models.xcom import XComModel
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            row = (
+                session.query(XComModel)
+                .filter_by(dag_id=self.dag_id, run_id=self.run_id, task_id=task_id, key=key, map_index=map_index)
+                .one_or_none()
+            )
+            if row is None:
+                return None
+            value = row.value
+            return json.loads(value) if isinstance(value, str) else value
+
+    def xcom(self, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
+        """The value as a plain downstream task would receive it (through the XCom backend)."""
+        from airflow.sdk.execution_time.comms import XComResult
+        from airflow.sdk.execution_time.xcom import XCom
+
+        raw = self.xcom_raw(task_id, key, map_index)
+        return XCom.deserialize_value(XComResult(key=key, value=raw))
+
+
+def run_dag(dag: Any, **kwargs: Any) -> RunResult:
+    dr = dag.test(**kwargs)
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter_by(dag_id=dr.dag_id, run_id=dr.run_id).all()
+        states = {
+            (ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"): str(ti.state) for ti in tis
+        }
+    return RunResult(dag_id=dr.dag_id, run_id=dr.run_id, state=str(dr.state), states=states)

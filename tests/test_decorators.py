@@ -1,0 +1,183 @@
+"""``@ray_task`` / ``@task.ray`` on a real Airflow 3 (dag.test) and a real Ray head."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from airflow.sdk import dag, task
+
+from airflow_ray import ray_task
+from airflow_ray.decorators import _RayDecoratedOperator
+from tests.dags import basics, failures
+
+
+@pytest.mark.parametrize("backend", ["ray", "default"])
+def test_plain_ray_ray_plain(run_dag, request, backend):
+    if backend == "default":
+        request.getfixturevalue("default_xcom")
+    result = run_dag(basics.mixing_dag)
+    assert result.state == "success", result.states
+    out = result.xcom("load")
+    assert out["values"] == [1003, 1012, 1027]  # closure global SCALE + helper module OFFSET
+    assert out["ray_pid"] != os.getpid()  # the function really ran in a Ray worker
+    if backend == "default":
+        assert result.xcom_raw("square")["pid"] == out["ray_pid"]  # the value itself is in the table
+    else:
+        # `-> dict` makes TaskFlow infer multiple_outputs: one reference per key
+        assert result.xcom_raw("square")["values"]["summary"] == {"type": "list", "length": 3}
+
+
+def test_operator_attributes_and_task_ray_registration():
+    from airflow.providers_manager import ProvidersManager
+
+    assert "ray" in ProvidersManager().taskflow_decorators
+
+    @dag(dag_id="attrs", schedule=None)
+    def attrs():
+        @task.ray(
+            num_cpus=2,
+            num_gpus=0,
+            memory=2**30,
+            resources={"trainer": 1},
+            retries=3,
+            runtime_env={"env_vars": {"A": "1"}},
+            accelerator_type="A100",
+            max_retries=2,
+            ray_conn_id="other",
+            task_id="custom",
+        )
+        def f():
+            return 1
+
+        f()
+
+    op = attrs().get_task("custom")
+    assert isinstance(op, _RayDecoratedOperator)
+    assert op.custom_operator_name == "@task.ray"
+    assert (op.num_cpus, op.memory, op.ray_resources, op.retries, op.ray_conn_id) == (
+        2,
+        2**30,
+        {"trainer": 1},
+        3,
+        "other",
+    )
+    options = op.ray_options({"env_vars": {"B": "2"}, "pip": ["x"]})
+    assert options["runtime_env"] == {"env_vars": {"B": "2", "A": "1"}, "pip": ["x"]}
+    assert options["accelerator_type"] == "A100"
+    assert options["max_retries"] == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        pytest.param({"num_cpus": -1}, "num_cpus must be >= 0", id="negative-cpus"),
+        pytest.param({"resources": {"GPU": 1}}, "Use num_cpus / num_gpus / memory", id="reserved-resource"),
+        pytest.param({"runtime_env": "pip"}, "runtime_env must be a dict", id="runtime-env-type"),
+    ],
+)
+def test_bad_options_fail_at_parse_time(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+
+        @dag(dag_id="bad", schedule=None)
+        def bad():
+            @ray_task(**kwargs)
+            def f():
+                return 1
+
+            f()
+
+        bad()
+
+
+def test_checkpoint_options_without_checkpoint_warn():
+    with pytest.warns(UserWarning, match="ignored without checkpoint=True"):
+
+        @dag(dag_id="warn", schedule=None)
+        def warn():
+            @ray_task(checkpoint_path="file:///tmp/x")
+            def f():
+                return 1
+
+            f()
+
+        warn()
+
+
+def test_bare_decorator_multiple_outputs_and_templates(run_dag):
+    result = run_dag(basics.options_dag)
+    assert result.state == "success", result.states
+    stats = result.xcom("stats")
+    assert stats["label"] == f"run-{result.run_id}"  # templated argument rendered
+    assert stats["ti"] == "stats/1"
+    assert result.xcom("check") == {"n": len(f"run-{result.run_id}"), "name": "x", "sum": 499500}
+    # multiple_outputs: one XCom (and one Ray object) per key
+    array_ref = result.xcom_raw("both", key="array")
+    name_ref = result.xcom_raw("both", key="name")
+    assert array_ref["summary"]["shape"] == [1000]
+    assert array_ref["object_id"] != name_ref["object_id"]
+
+
+def test_dynamic_task_mapping(run_dag):
+    result = run_dag(basics.mapping_dag)
+    assert result.state == "success", result.states
+    assert result.xcom("total") == 2 * sum(range(5))
+    assert [result.xcom("times", map_index=i) for i in range(5)] == [0, 2, 4, 6, 8]
+    assert [result.xcom("times__1", map_index=i) for i in range(3)] == [30, 33, 36]
+
+
+def test_exception_fails_task_with_remote_traceback_and_retries(run_dag, capfd, tmp_path):
+    result = run_dag(failures.flaky_dag, run_conf={"marker": str(tmp_path / "attempts")})
+    text = "".join(capfd.readouterr())
+    assert result.states["sometimes"] == "success"
+    assert result.xcom("sometimes") == 2  # Airflow's retry re-ran it on Ray
+    assert result.states["always"] == "failed"
+    assert "failed on Ray with KeyError: 'no such thing'" in text
+    assert "inner_helper" in text  # the remote traceback, down to the user's frame
+    assert "ValueError: first attempt fails (1)" in text
+
+
+def test_print_and_logging_reach_the_task_log(run_dag, capfd):
+    result = run_dag(failures.chatty_dag)
+    text = "".join(capfd.readouterr())
+    assert result.state == "success"
+    assert "[ray] hello from the ray worker" in text
+    assert "[ray] INFO user.module: an info record" in text
+    assert "[ray] WARNING user.module: a warning record" in text
+
+
+def test_execution_timeout_cancels_the_ray_task(run_dag):
+    from ray.util.state import list_tasks
+
+    result = run_dag(failures.timeout_dag)
+    assert result.states["sleepy_for_timeout"] == "failed"
+    deadline = time.monotonic() + 10
+    running: list = ["?"]
+    while running and time.monotonic() < deadline:
+        running = [
+            t
+            for t in list_tasks(filters=[("name", "=", "execute"), ("state", "=", "RUNNING")])
+        ]
+        time.sleep(0.5)
+    assert not running, "the Ray task was still RUNNING 10 s after the Airflow timeout"
+
+
+def test_infeasible_resources_fail_with_a_message(run_dag, capfd):
+    started = time.monotonic()
+    result = run_dag(failures.infeasible_dag)
+    elapsed = time.monotonic() - started
+    text = "".join(capfd.readouterr())
+    assert result.states == {"needs_gpu": "failed", "needs_custom": "failed"}
+    assert "task 'needs_gpu' of DAG 'infeasible'" in text and "GPU=1 (node has 0)" in text
+    assert "no_such=1 (node has 0)" in text
+    assert elapsed < 120  # [ray] infeasible_task_timeout is 5 s in these tests (60 s by default)
+
+
+def test_unpicklable_function_and_return_value(run_dag, capfd):
+    result = run_dag(failures.unpicklable_dag)
+    text = "".join(capfd.readouterr())
+    assert result.states == {"uses_lock": "failed", "returns_lock": "failed"}
+    assert "Cannot send the function of task 'uses_lock'" in text
+    assert "lock" in text.lower()
+    assert "The return value of task 'returns_lock'" in text
