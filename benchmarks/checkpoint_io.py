@@ -13,6 +13,8 @@ Cases, each timed as ``write_checkpoint``/``read_checkpoint`` ("ours") and as th
   ``fs.open(path, "rb").readinto(out)``. Ours streams ``.npy`` in blocks, hashed on the way.
 
 Ratio = plain seconds / our seconds (1.0 = as fast as the plain copy; the target is >= 0.8).
+CPU seconds (this process, all threads) are printed too: on a shared machine they are steadier
+than wall-clock time.
 Best of ``--repeat`` runs (3 on file, 1 on the slow moto server), ours and plain interleaved.
 Timings only: nothing here asserts speed. moto serves about 30-100 MB/s and re-reads a whole
 object for every ranged GET, so use ``--size-mb 256`` there.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import sys
 import tempfile
@@ -46,8 +49,22 @@ from airflow_ray.checkpoint import (  # noqa: E402
 )
 
 MB = 1024 * 1024
-# case, size label, our seconds, plain seconds, size in MB
-Row = tuple[str, str, float, float, float]
+
+
+@dataclasses.dataclass
+class Timing:
+    """Best wall-clock and best CPU seconds (all threads of this process) over the repeats."""
+
+    wall: float = float("inf")
+    cpu: float = float("inf")
+
+    def add(self, wall: float, cpu: float) -> None:
+        self.wall = min(self.wall, wall)
+        self.cpu = min(self.cpu, cpu)
+
+
+# case, size in MB, ours, plain
+Row = tuple[str, float, Timing, Timing]
 
 
 def main() -> None:
@@ -109,14 +126,14 @@ def _frame_case(
         return pq.read_table(plain_path, filesystem=fs).to_pandas()
 
     print(f"[{target}] DataFrame {mb:.0f} MB ...", flush=True)
-    ours_w, plain_w = _best_of(repeat, lambda: write_checkpoint(df, loc), plain_write)
-    ours_r, plain_r = _best_of(repeat, lambda: read_checkpoint(loc), plain_read)
+    write = _best_of(repeat, lambda: write_checkpoint(df, loc), plain_write)
+    read = _best_of(repeat, lambda: read_checkpoint(loc), plain_read)
     pd.testing.assert_frame_equal(read_checkpoint(loc), df, check_exact=True)
     delete_checkpoint(loc.uri, options)
     fs.rm(plain_path)
     return [
-        (f"{target} DataFrame write", f"{mb:.0f}", ours_w, plain_w, mb),
-        (f"{target} DataFrame read", f"{mb:.0f}", ours_r, plain_r, mb),
+        (f"{target} DataFrame write", mb, *write),
+        (f"{target} DataFrame read", mb, *read),
     ]
 
 
@@ -139,15 +156,15 @@ def _array_case(
         return out
 
     print(f"[{target}] ndarray {mb:.0f} MB ...", flush=True)
-    ours_w, plain_w = _best_of(repeat, lambda: write_checkpoint(array, loc), plain_write)
-    ours_r, plain_r = _best_of(repeat, lambda: read_checkpoint(loc), plain_read)
+    write = _best_of(repeat, lambda: write_checkpoint(array, loc), plain_write)
+    read = _best_of(repeat, lambda: read_checkpoint(loc), plain_read)
     np.testing.assert_array_equal(read_checkpoint(loc), array)
     np.testing.assert_array_equal(plain_read(), array)
     delete_checkpoint(loc.uri, options)
     fs.rm(plain_path)
     return [
-        (f"{target} ndarray write", f"{mb:.0f}", ours_w, plain_w, mb),
-        (f"{target} ndarray read", f"{mb:.0f}", ours_r, plain_r, mb),
+        (f"{target} ndarray write", mb, *write),
+        (f"{target} ndarray read", mb, *read),
     ]
 
 
@@ -160,42 +177,39 @@ def _dataframe(size_mb: int) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def _best_of(repeat: int, ours: Callable[[], object], plain: Callable[[], object]) -> tuple[float, float]:
-    """Best time of each, alternating which goes first so neither always gets the warmer cache."""
-    best_ours = best_plain = float("inf")
+def _best_of(repeat: int, ours: Callable[[], object], plain: Callable[[], object]) -> tuple[Timing, Timing]:
+    """Best times of each, alternating which goes first so neither always gets the warmer cache."""
+    timings = {"ours": Timing(), "plain": Timing()}
     for i in range(repeat):
-        order = ((plain, "plain"), (ours, "ours")) if i % 2 == 0 else ((ours, "ours"), (plain, "plain"))
-        for fn, name in order:
-            elapsed = _timed(fn)
-            if name == "ours":
-                best_ours = min(best_ours, elapsed)
-            else:
-                best_plain = min(best_plain, elapsed)
-    return best_ours, best_plain
+        order = [("plain", plain), ("ours", ours)]
+        for name, fn in order if i % 2 == 0 else reversed(order):
+            timings[name].add(*_timed(fn))
+    return timings["ours"], timings["plain"]
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
     gc.collect()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = fn()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     del result
-    return elapsed
+    return elapsed, cpu
 
 
 def _print_table(rows: list[Row]) -> None:
     header = (
         f"{'case':<22} {'MB':>6} {'ours s':>8} {'plain s':>8} {'ours MB/s':>10} {'plain MB/s':>10} "
-        f"{'ratio':>6}"
+        f"{'ratio':>6} {'ours cpu s':>11} {'plain cpu s':>12}"
     )
     print()
     print(header)
     print("-" * len(header))
-    for case, mb, ours, plain, size in rows:
+    for case, mb, ours, plain in rows:
         print(
-            f"{case:<22} {mb:>6} {ours:>8.2f} {plain:>8.2f} {size / ours:>10.0f} {size / plain:>10.0f} "
-            f"{plain / ours:>6.2f}"
+            f"{case:<22} {mb:>6.0f} {ours.wall:>8.2f} {plain.wall:>8.2f} {mb / ours.wall:>10.0f} "
+            f"{mb / plain.wall:>10.0f} {plain.wall / ours.wall:>6.2f} {ours.cpu:>11.2f} {plain.cpu:>12.2f}"
         )
+    print("\nratio = plain s / ours s (target >= 0.8); cpu = CPU seconds of this process, all threads")
 
 
 if __name__ == "__main__":
