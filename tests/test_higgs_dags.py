@@ -33,7 +33,8 @@ def airflow_env(tmp_path_factory) -> dict[str, str]:
     """A fresh Airflow home + metadata DB, and an embedded 2-CPU Ray that is stopped afterwards."""
     home = tmp_path_factory.mktemp("airflow_home")
     env = {
-        **{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_URL")},
+        # Nothing inherited that could point Airflow or Ray elsewhere (e.g. the suite's conftest).
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "RAY_"))},
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",

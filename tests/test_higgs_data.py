@@ -27,9 +27,15 @@ from higgs_data import (
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A private 2-CPU Ray for this module ("local": never join a cluster someone else started)."""
+    """The Ray this process is already connected to (the suite's head), else a private 2-CPU one.
+
+    ``address="local"`` starts a new cluster: never join one someone else started on this machine.
+    """
     import ray
 
+    if ray.is_initialized():
+        yield
+        return
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2)
     yield
     ray.shutdown()

@@ -26,16 +26,16 @@ REPORT_EVERY = 3
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    """The Ray this process is already connected to (the suite's head), else a private 2-CPU one."""
     import ray
 
-    # A private 2-CPU cluster; workers import the DAG-folder helpers through py_modules.
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=300 * 1024**2,
-        runtime_env={"py_modules": [higgs_data, higgs_training]},
-    )
+    # Ray workers cannot import the DAG-folder helpers: ship them by value, as @ray_task does.
+    for module in (higgs_data, higgs_training, higgs_tune):
+        ray.cloudpickle.register_pickle_by_value(module)
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2)
     yield
     ray.shutdown()
 
