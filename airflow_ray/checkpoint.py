@@ -308,10 +308,11 @@ def read_checkpoint(
 ) -> Any:
     """Read a checkpoint back into the value that was written (worker side).
 
-    Every byte is hashed as it arrives (overlapping the next read) and checked against the
-    manifest's size and sha256 before Parquet, Arrow or pickle data is parsed; an ``.npy`` file is
-    read straight into the destination array and checked before the array is returned.
-    ``storage_options`` overrides those of a :class:`CheckpointLocation`.
+    Every byte is hashed on a helper thread, overlapping the reads, and checked against the
+    manifest's size and sha256 before anything is returned: Arrow IPC and pickle data, and
+    Parquet from object stores, are verified before they are parsed; a local Parquet file is
+    decoded natively while it is hashed; an ``.npy`` file is read straight into the destination
+    array. ``storage_options`` overrides those of a :class:`CheckpointLocation`.
 
     :raises CheckpointNotFoundError: no manifest at the location.
     :raises CheckpointCorruptError: truncated, altered or unparsable data; names the file.
@@ -782,7 +783,10 @@ def _read_verified_buffer(
 def _check_digest(
     fs: AbstractFileSystem, path: str, manifest: dict[str, Any], digest: _StreamHash, got: int
 ) -> None:
-    sha256, _ = digest.result()
+    _check_sums(fs, path, manifest, digest.result()[0], got)
+
+
+def _check_sums(fs: AbstractFileSystem, path: str, manifest: dict[str, Any], sha256: str, got: int) -> None:
     if got != manifest["bytes"]:
         raise CheckpointCorruptError(
             f"Checkpoint data file {_display(fs, path)} is truncated: "
@@ -1017,18 +1021,53 @@ def _cloudpickle() -> tuple[str, Any]:
 def _read_parquet(
     fs: AbstractFileSystem, path: str, manifest: dict[str, Any], pool: concurrent.futures.Executor
 ) -> Any:
+    """Parquet back to the DataFrame; the digest is checked before the frame is built.
+
+    A local file is decoded by pyarrow's native reader (its own threads, no staging buffer) while
+    the helper thread hashes the same file from the page cache. From an object store the file is
+    downloaded once into a verified buffer and decoded from memory.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    options = manifest.get("options") or {}
+    errors = (pa.ArrowException, ValueError, TypeError, OSError)
+    if _is_local(fs):
+        hashed = pool.submit(_hash_file, fs, path)
+        try:
+            table, error = pq.read_table(path), None
+        except errors as exc:
+            table, error = None, exc
+        _check_sums(fs, path, manifest, *hashed.result())  # a checksum failure explains a parse error
+        if error is not None:
+            raise _not_parquet(fs, path, error) from error
+        return _table_to_frame(table, options)
 
     buffer = _read_verified_buffer(fs, path, manifest, pool, pa.allocate_buffer)
     try:
         table = pq.read_table(pa.BufferReader(buffer))
-        del buffer
-        return _table_to_frame(table, manifest.get("options") or {})
-    except (pa.ArrowException, ValueError, TypeError) as exc:
-        raise CheckpointCorruptError(
-            f"Checkpoint data file {_display(fs, path)} is not readable Parquet: {exc}", _display(fs, path)
-        ) from exc
+    except errors as exc:
+        raise _not_parquet(fs, path, exc) from exc
+    del buffer
+    return _table_to_frame(table, options)
+
+
+def _not_parquet(fs: AbstractFileSystem, path: str, exc: BaseException) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"Checkpoint data file {_display(fs, path)} is not readable Parquet: {exc}", _display(fs, path)
+    )
+
+
+def _hash_file(fs: AbstractFileSystem, path: str) -> tuple[str, int]:
+    """sha256 and size of a file, read through one reused block buffer (runs on the helper thread)."""
+    sha = hashlib.sha256()
+    block = memoryview(bytearray(_BLOCK_SIZE))
+    total = 0
+    with fs.open(path, "rb", block_size=_BLOCK_SIZE, cache_type="none") as raw:
+        while got := raw.readinto(block):
+            sha.update(block[:got])
+            total += got
+    return sha.hexdigest(), total
 
 
 def _read_arrow_ipc(
