@@ -10,7 +10,7 @@ test checks it); this file only adds decorators and the ``@dag`` wiring. Run it 
 
 and the last task prints something like::
 
-    Held-out accuracy 0.7471, AUC 0.8255 on 40,000 rows; model: file:///tmp/airflow_ray/.../model.ubj
+    Held-out accuracy 0.7479, AUC 0.8267 on 40,000 rows; model: file:///tmp/airflow_ray/.../model.ubj
 
 The DataFrames (tens of MB) go from task to task through Ray's object store (the airflow-ray XCom
 backend); the metadata DB only holds small references. Trigger with a config to change the size,
