@@ -128,6 +128,7 @@ class RayPythonOperator(PythonOperator):
     def execute(self, context: Context) -> Any:
         ti = context["ti"]
         self._task_key = (ti.dag_id, ti.run_id, ti.task_id, ti.map_index)
+        self._context_keys = set(context)
         self._identity = SimpleNamespace(
             dag_id=ti.dag_id,
             run_id=ti.run_id,
@@ -136,29 +137,6 @@ class RayPythonOperator(PythonOperator):
             try_number=ti.try_number,
         )
         return super().execute(context)
-
-    def determine_kwargs(self, context: Mapping[str, Any]) -> Mapping[str, Any]:
-        """Like PythonOperator's, but only context values that can travel to a Ray worker.
-
-        ``ti``/``task_instance`` become a read-only snapshot (``dag_id``, ``run_id``,
-        ``task_id``, ``map_index``, ``try_number``); ``params`` a plain dict. A context value
-        the function names explicitly but that cannot travel is an error; under ``**kwargs``
-        such values are left out.
-        """
-        kwargs = dict(super().determine_kwargs(context))
-        explicit = set(inspect.signature(self.python_callable).parameters)
-        for key in [k for k in kwargs if k in context and k not in self.op_kwargs]:
-            value = self._portable(key, kwargs[key])
-            if value is not _NOT_PORTABLE:
-                kwargs[key] = value
-            elif key in explicit:
-                raise TypeError(
-                    f"Task '{self.task_id}': the context value '{key}' cannot be sent to a Ray worker. "
-                    "Read what you need from it in a plain @task and pass that instead."
-                )
-            else:
-                del kwargs[key]
-        return kwargs
 
     def execute_callable(self) -> Any:
         from airflow_ray import tasks
@@ -169,7 +147,7 @@ class RayPythonOperator(PythonOperator):
         request = tasks.TaskRequest(
             fn=self.python_callable,
             args=tuple(self.op_args),
-            kwargs=dict(self.op_kwargs),
+            kwargs=self._portable_kwargs(dict(self.op_kwargs)),
             task_key=self._task_key,
             options=self.ray_options(target.runtime_env),
             split="keys" if self.multiple_outputs else None,
@@ -231,11 +209,35 @@ class RayPythonOperator(PythonOperator):
             options["runtime_env"] = runtime_env
         return options
 
+    def _portable_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Only context values that can travel to a Ray worker.
+
+        ``ti``/``task_instance`` become a read-only snapshot (``dag_id``, ``run_id``,
+        ``task_id``, ``map_index``, ``try_number``); ``params`` a plain dict. A context value
+        the function names explicitly but that cannot travel is an error; under ``**kwargs``
+        such values are left out.
+        """
+        explicit = set(inspect.signature(self.python_callable).parameters)
+        for key in [k for k in kwargs if k in self._context_keys]:
+            value = self._portable(key, kwargs[key])
+            if value is not _NOT_PORTABLE:
+                kwargs[key] = value
+            elif key in explicit:
+                raise TypeError(
+                    f"Task '{self.task_id}': the context value '{key}' cannot be sent to a Ray worker. "
+                    "Read what you need from it in a plain @task and pass that instead."
+                )
+            else:
+                del kwargs[key]
+        return kwargs
+
     def _portable(self, key: str, value: Any) -> Any:
         if key in ("ti", "task_instance"):
             return self._identity
         if key == "params":
             return dict(value)
+        if isinstance(value, datetime):  # pendulum's subclass drags Airflow into the worker
+            return datetime.fromisoformat(value.isoformat())
         if isinstance(value, _PORTABLE):
             return value
         return _NOT_PORTABLE

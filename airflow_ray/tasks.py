@@ -32,7 +32,7 @@ from airflow_ray.store import ObjectHandle, ObjectReference, get_owner, owner_na
 _POLL_INTERVAL_S = 0.2
 _FEASIBILITY_INTERVAL_S = 2.0
 _CANCEL_GRACE_S = 10.0
-_SERIALIZATION_HINTS = ("pickle", "serializ", "Could not serialize")
+_SERIALIZATION_HINTS = ("Could not serialize", "cannot pickle", "Can't pickle")
 
 
 @dataclass
@@ -246,7 +246,7 @@ def _translate(error: dict[str, Any], request: TaskRequest, handles: list[Object
             return lost_error(upstream, details.splitlines()[0] if details else kind)
     if kind in ("TaskCancelledError",):
         return RayTaskError(f"The Ray task of {request.label} was cancelled.")
-    if any(hint in details for hint in _SERIALIZATION_HINTS) and "Traceback" not in error["message"]:
+    if any(hint in details for hint in _SERIALIZATION_HINTS):
         return RaySerializationError(
             f"The return value of {request.label} cannot be serialized by Ray: {error['message']}"
         )

@@ -22,7 +22,9 @@ class RunResult:
         with create_session() as session:
             row = (
                 session.query(XComModel)
-                .filter_by(dag_id=self.dag_id, run_id=self.run_id, task_id=task_id, key=key, map_index=map_index)
+                .filter_by(
+                    dag_id=self.dag_id, run_id=self.run_id, task_id=task_id, key=key, map_index=map_index
+                )
                 .one_or_none()
             )
             if row is None:
