@@ -19,7 +19,8 @@ def flaky():
     def sometimes(path: str) -> int:
         with open(path, "a") as f:
             f.write("x")
-        attempts = len(open(path).read())
+        with open(path) as f:
+            attempts = len(f.read())
         if attempts == 1:
             raise ValueError(f"first attempt fails ({attempts})")
         return attempts
