@@ -5,6 +5,7 @@
     $ airflow-ray cluster start     # start it now instead of on the first task
     $ airflow-ray cluster status    # address, resources, object store use, owner actors
     $ airflow-ray cluster stop
+    $ airflow-ray gc                # free objects of deleted runs / cleared XComs
 """
 
 from __future__ import annotations
@@ -22,8 +23,24 @@ def main(argv: list[str] | None = None) -> int:
     cluster_parser = sub.add_parser("cluster", help="the embedded local Ray cluster")
     cluster_parser.add_argument("action", choices=["start", "stop", "status"])
     cluster_parser.add_argument("--json", action="store_true", help="machine-readable status")
+    gc_parser = sub.add_parser("gc", help="free Ray objects whose XCom rows are gone (needs the metadata DB)")
+    gc_parser.add_argument("--dry-run", action="store_true", help="only count what would be freed")
     args = parser.parse_args(argv)
+    if args.group == "gc":
+        return _gc(dry_run=args.dry_run)
     return _cluster(args.action, as_json=args.json)
+
+
+def _gc(*, dry_run: bool) -> int:
+    from airflow_ray import retention
+    from airflow_ray.hooks import RayHook
+    from airflow_ray.xcom import XCOM_RAY_CONN_ID
+
+    RayHook(XCOM_RAY_CONN_ID).connect()
+    counts = retention.collect(dry_run=dry_run)
+    verb = "would free" if dry_run else "freed"
+    print(f"{verb} {counts['freed']} Ray objects whose XCom rows are gone; kept {counts['kept']}")
+    return 0
 
 
 def _cluster(action: str, *, as_json: bool) -> int:

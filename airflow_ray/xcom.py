@@ -34,10 +34,16 @@ from airflow.sdk.bases.xcom import BaseXCom
 
 from airflow_ray.store import MARKER, ObjectReference
 
+#: Key of the ``return_value`` XCom of a ``multiple_outputs`` task: ``{OUTPUTS: {key: stored}}``.
+OUTPUTS = "__airflow_ray_outputs__"
+
 log = logging.getLogger(__name__)
 
 #: The connection the backend uses for plain tasks (which have no ``ray_conn_id`` of their own).
 XCOM_RAY_CONN_ID = "ray_default"
+
+#: Values this process pushed per task, by key (see :func:`_pushed_outputs`).
+_recent_pushes: dict[tuple[Any, ...], dict[str, tuple[Any, Any]]] = {}
 
 
 class RayXComBackend(BaseXCom):
@@ -58,38 +64,58 @@ class RayXComBackend(BaseXCom):
         if isinstance(value, RayResult):
             return value.reference.to_json()
         if isinstance(value, dict) and value and all(isinstance(v, RayResult) for v in value.values()):
-            return {k: v.reference.to_json() for k, v in value.items()}  # multiple_outputs
-        inline = _inline_or_none(value)
-        if inline is not None:
-            return inline
-        if None in (key, task_id, dag_id, run_id):
-            raise ValueError("RayXComBackend needs the XCom's key, task_id, dag_id and run_id")
-        return _adopt(value, key, task_id, dag_id, run_id, -1 if map_index is None else map_index)
+            return {OUTPUTS: {k: v.reference.to_json() for k, v in value.items()}}  # multiple_outputs
+        task_key = (dag_id, run_id, task_id, -1 if map_index is None else map_index)
+        if (outputs := _pushed_outputs(task_key, key, value)) is not None:
+            return outputs
+        stored = _inline_or_none(value)
+        if stored is None:
+            if None in task_key or key is None:
+                raise ValueError("RayXComBackend needs the XCom's key, task_id, dag_id and run_id")
+            stored = _adopt(value, key, *task_key)
+        if task_key not in _recent_pushes:
+            _recent_pushes.clear()  # only the task this process is finishing matters
+        _recent_pushes.setdefault(task_key, {})[key] = (value, stored)
+        return stored
 
     @staticmethod
     def deserialize_value(result: Any) -> Any:
         data = _load(result.value)
         if ObjectReference.is_reference(data):
             return _materialize([ObjectReference.from_json(data)])[0]
-        if _is_reference_dict(data):
-            refs = {k: ObjectReference.from_json(v) for k, v in data.items()}
-            return dict(zip(refs, _materialize(list(refs.values())), strict=True))
+        if _is_outputs(data):
+            items = data[OUTPUTS]
+            refs = {
+                k: ObjectReference.from_json(v) for k, v in items.items() if ObjectReference.is_reference(v)
+            }
+            values = dict(zip(refs, _materialize(list(refs.values())), strict=True)) if refs else {}
+            return {
+                k: values[k] if k in values else BaseXCom.deserialize_value(_Stored(v))
+                for k, v in items.items()
+            }
         return BaseXCom.deserialize_value(result)
 
     @classmethod
     def purge(cls, xcom: Any, *args: Any) -> None:
         """Free the objects behind an XCom that Airflow is deleting (e.g. before a retry)."""
-        data = _load(getattr(xcom, "value", None))
-        if ObjectReference.is_reference(data):
-            references = [ObjectReference.from_json(data)]
-        elif _is_reference_dict(data):
-            references = [ObjectReference.from_json(v) for v in data.values()]
-        else:
+        references = references_in(_load(getattr(xcom, "value", None)))
+        if not references:
             return
         try:
             release(references)
         except Exception:  # cleanup must never fail the task that triggered it
             log.warning("Could not free Ray objects of %s", references[0].describe(), exc_info=True)
+
+
+def references_in(data: Any) -> list[ObjectReference]:
+    """The Ray references in a stored XCom value (one, or one per key of multiple_outputs)."""
+    if ObjectReference.is_reference(data):
+        return [ObjectReference.from_json(data)]
+    if _is_outputs(data):
+        return [
+            ObjectReference.from_json(v) for v in data[OUTPUTS].values() if ObjectReference.is_reference(v)
+        ]
+    return []
 
 
 def release(references: list[ObjectReference]) -> None:
@@ -116,10 +142,15 @@ def _load(value: Any) -> Any:
     return value
 
 
-def _is_reference_dict(data: Any) -> bool:
-    return (
-        isinstance(data, dict) and bool(data) and all(ObjectReference.is_reference(v) for v in data.values())
-    )
+def _is_outputs(data: Any) -> bool:
+    return isinstance(data, dict) and len(data) == 1 and isinstance(data.get(OUTPUTS), dict)
+
+
+class _Stored:
+    """The shape ``BaseXCom.deserialize_value`` expects: an object with ``.value``."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
 def _inline_or_none(value: Any) -> Any:
@@ -154,7 +185,22 @@ def _known_size(value: Any) -> int | None:
     return None
 
 
-def _adopt(value: Any, key: str, task_id: str, dag_id: str, run_id: str, map_index: int) -> dict[str, Any]:
+def _pushed_outputs(task_key: tuple[Any, ...], key: str | None, value: Any) -> dict[str, Any] | None:
+    """For a plain ``multiple_outputs`` task, the whole dict refers to the per-key XComs.
+
+    Airflow pushes every key, then the whole dict as ``return_value``; storing that dict
+    again would adopt every large value twice.
+    """
+    pushed = _recent_pushes.pop(task_key, None) if key == BaseXCom.XCOM_RETURN_KEY else None
+    if not pushed or not isinstance(value, dict) or set(value) != set(pushed):
+        return None
+    if any(pushed[k][0] is not v for k, v in value.items()):
+        return None
+    stored = {k: pushed[k][1] for k in value}
+    return {OUTPUTS: stored} if any(ObjectReference.is_reference(v) for v in stored.values()) else None
+
+
+def _adopt(value: Any, key: str, dag_id: str, run_id: str, task_id: str, map_index: int) -> dict[str, Any]:
     import ray
 
     from airflow_ray.hooks import RayHook

@@ -1,0 +1,81 @@
+"""When data is freed: reconcile the owners' registries with the XCom table.
+
+Airflow never tells an XCom backend that a DAG run was deleted, and it only calls ``purge``
+for XComs it clears at the start of a retry. The owners free objects on their own when a task
+re-runs (its outputs are replaced) and after ``[ray] object_ttl_seconds``; everything else is
+:func:`collect`'s job: an object whose XCom row is gone (run deleted, XCom cleared) is freed.
+It needs the metadata database, so it runs where the scheduler runs:
+
+.. code-block:: console
+
+    $ airflow-ray gc            # e.g. from cron, or a maintenance DAG
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_ray.store import OWNER_PREFIX
+from airflow_ray.xcom import references_in
+
+
+def collect(session: Any = None, *, dry_run: bool = False) -> dict[str, int]:
+    """Free every registry entry that no XCom row refers to any more.
+
+    :returns: counts of ``kept`` and ``freed`` entries.
+    """
+    import ray
+
+    from airflow_ray import config
+    from airflow_ray.store import get_owner
+
+    live = _referenced_object_ids(session)
+    kept = freed = 0
+    for name in _owner_names(config.namespace()):
+        owner = get_owner(name)
+        for entry in ray.get(owner.entries.remote()):
+            if entry["object_id"] in live:
+                kept += 1
+                continue
+            freed += 1
+            if not dry_run:
+                ray.get(owner.release.remote(tuple(entry["key"])))
+    return {"kept": kept, "freed": freed}
+
+
+def _owner_names(namespace: str) -> list[str]:
+    from ray.util import list_named_actors
+
+    return [
+        actor["name"]
+        for actor in list_named_actors(all_namespaces=True)
+        if actor["namespace"] == namespace and actor["name"].startswith(OWNER_PREFIX)
+    ]
+
+
+def _referenced_object_ids(session: Any) -> set[str]:
+    """Object ids of every Ray reference in the XCom table."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    def scan(s: Any) -> set[str]:
+        ids: set[str] = set()
+        for (value,) in s.query(XComModel.value).yield_per(1000):
+            ids.update(r.object_id for r in references_in(_json(value)))
+        return ids
+
+    if session is not None:
+        return scan(session)
+    with create_session() as s:
+        return scan(s)
+
+
+def _json(value: Any) -> Any:
+    import json
+
+    if isinstance(value, (bytes, str)):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return None
+    return value
