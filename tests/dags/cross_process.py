@@ -1,0 +1,32 @@
+"""A DAG for the LocalExecutor test: every task runs in its own Airflow task process."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from airflow.sdk import dag, task
+
+from airflow_ray import ray_task
+
+
+@dag(dag_id="cross_process", schedule=None)
+def cross_process():
+    @task(multiple_outputs=True)
+    def produce() -> dict:
+        return {"data": np.arange(2_000_000, dtype=np.float64), "pid": os.getpid()}
+
+    @ray_task(num_cpus=0.5)
+    def transform(data: np.ndarray) -> np.ndarray:
+        assert not data.flags.writeable  # zero-copy view of the owner's object
+        return data * 2
+
+    @task
+    def consume(doubled: np.ndarray, producer_pid: int) -> dict:
+        return {"sum": float(doubled.sum()), "producer_pid": producer_pid, "consumer_pid": os.getpid()}
+
+    out = produce()
+    consume(transform(out["data"]), out["pid"])
+
+
+cross_process_dag = cross_process()
