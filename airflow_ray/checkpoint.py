@@ -231,6 +231,13 @@ def resolve_checkpoint_location(
     return CheckpointLocation(uri=uri, storage_options=options)
 
 
+def storage_options_for(uri: str, conn_id: str | None) -> dict[str, Any]:
+    """fsspec options for reading ``uri`` with the credentials of ``conn_id`` (Airflow side)."""
+    conn_id = conn_id or _config_option("checkpoint_conn_id")
+    conn = _get_connection(conn_id) if conn_id else None
+    return _connection_storage_options(conn, _protocol_of(uri)) if conn is not None else {}
+
+
 def write_checkpoint(value: Any, location: CheckpointLocation) -> dict[str, Any]:
     """Write ``value`` as a checkpoint at ``location`` and return its manifest (worker side).
 
@@ -369,27 +376,10 @@ def delete_run_checkpoints(
 
 
 def _config_option(key: str) -> str | None:
-    """``[ray] checkpoint_path`` through the provider's declared options; blank is unset.
-
-    ``checkpoint_conn_id`` is not declared in :mod:`airflow_ray.config` yet, so it is read here
-    (env ``AIRFLOW__RAY__CHECKPOINT_CONN_ID`` or ``airflow.cfg``), once per process.
-    """
+    """``[ray] checkpoint_path`` / ``checkpoint_conn_id`` through the provider's accessors."""
     from airflow_ray import config
 
-    accessor = getattr(config, key, None)
-    if accessor is not None:
-        return accessor() or None
-    return _undeclared_config_option(key)
-
-
-@functools.cache
-def _undeclared_config_option(key: str) -> str | None:
-    value = os.environ.get(f"AIRFLOW__RAY__{key.upper()}")
-    if value is None:
-        from airflow.sdk.configuration import conf
-
-        value = conf.get("ray", key, fallback=None)
-    return (value or "").strip() or None
+    return getattr(config, key)() or None
 
 
 def _get_connection(conn_id: str) -> Any:

@@ -69,6 +69,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "example": "s3://my-bucket/airflow-ray",
         "default": "",
     },
+    "checkpoint_conn_id": {
+        "description": "Connection whose credentials read and write checkpoints when a task names "
+        "no checkpoint_source (e.g. an aws connection for an s3:// checkpoint_path).",
+        "type": "string",
+        "example": "aws_default",
+        "default": "",
+    },
     "checkpoint_retention_seconds": {
         "description": "Checkpoints of a DAG run are deleted this long after they were written "
         "(by ``airflow-ray gc``). Keep it longer than ``object_ttl_seconds``.",
@@ -165,6 +172,11 @@ def checkpoint_path() -> str | None:
 
 
 @cache
+def checkpoint_conn_id() -> str | None:
+    return _get("checkpoint_conn_id").strip() or None
+
+
+@cache
 def checkpoint_retention_seconds() -> int:
     return _get_int("checkpoint_retention_seconds") or 0
 
@@ -200,6 +212,7 @@ def clear_caches() -> None:
         infeasible_task_timeout,
         connect_timeout,
         checkpoint_path,
+        checkpoint_conn_id,
         checkpoint_retention_seconds,
         local_cluster_dir,
         local_cluster_num_cpus,

@@ -59,7 +59,7 @@ class RayTarget:
     init_kwargs: dict[str, Any] = field(default_factory=dict)
     dashboard_url: str | None = None
     token: str | None = field(default=None, repr=False)
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # may hold the token
 
     @property
     def is_client(self) -> bool:
@@ -97,7 +97,7 @@ class RayHook(BaseHook):
                 return RayTarget(
                     address=value,
                     source=f"environment variable {var}",
-                    env=_token_env(None),
+                    env=_address_env(value, None),
                     namespace=_extra(conn, "namespace"),
                     runtime_env=_json_extra(conn, "runtime_env"),
                     init_kwargs=_json_extra(conn, "init_kwargs"),
@@ -113,7 +113,7 @@ class RayHook(BaseHook):
             namespace=_extra(conn, "namespace"),
             runtime_env=_json_extra(conn, "runtime_env"),
             init_kwargs=_json_extra(conn, "init_kwargs"),
-            dashboard_url=local.dashboard_url,
+            dashboard_url=_dashboard_from_env() or local.dashboard_url,
         )
 
     def connect(self) -> RayTarget:
@@ -128,15 +128,15 @@ class RayHook(BaseHook):
         import ray
 
         with _connect_lock:
+            if ray.is_initialized() and (_connected is None or _connected.address == target.address):
+                return _connected or target
+            apply_env(target.env)
+            probe(target)  # before dropping a working connection to another cluster
             if ray.is_initialized():
-                if _connected is None or _connected.address == target.address:
-                    return _connected or target
                 ray.shutdown()  # we own it: switch clusters (dag.test() runs all tasks in one process)
                 from airflow_ray.store import forget_owners
 
                 forget_owners()
-            apply_env(target.env)
-            probe(target)
             kwargs: dict[str, Any] = {
                 "address": target.address,
                 "namespace": target.namespace,
@@ -298,8 +298,18 @@ def _target_from_connection(conn: Connection) -> RayTarget:
         init_kwargs=_json_extra(conn, "init_kwargs"),
         dashboard_url=_extra(conn, "dashboard_url") or _dashboard_from_env(),
         token=conn.password or None,
-        env=_token_env(conn.password or None),
+        env=_address_env(host, conn.password or None),
     )
+
+
+def _address_env(address: str, token: str | None) -> dict[str, str]:
+    """Environment for a driver of ``address``: the token setup, plus the embedded cluster's own
+    variables when the address is that cluster (its loopback-only mode needs them on both sides)."""
+    from airflow_ray import cluster
+
+    local = cluster.current() if not address.startswith(("ray://", "anyscale://")) else None
+    env = dict(cluster.LOCAL_ENV) if local is not None and local.address == address else {}
+    return {**env, **_token_env(token)}
 
 
 def _token_env(token: str | None) -> dict[str, str]:

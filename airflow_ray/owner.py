@@ -140,10 +140,26 @@ class Owner:
         with self._lock:
             return [[e["ref"]] if (e := self._entries.get(tuple(k))) else None for k in entry_keys]
 
-    def register(self, entry_key: EntryKey, boxed_ref: list[Any], summary: dict[str, Any]) -> None:
-        """Re-register an object restored from a checkpoint so later readers get it from memory."""
+    def restore(
+        self, entry_key: EntryKey, reader: Any, uri: str, options: dict[str, Any], summary: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Load a checkpoint on a worker into an object we own, and register it.
+
+        The read runs as our own task (so we own its result); a second, tiny return value tells
+        us whether the read (and its checksum verification) succeeded without fetching the data.
+        """
+        import ray
+
+        value_ref, ok_ref = (
+            ray.remote(_read_checkpoint).options(num_returns=2, num_cpus=0).remote(reader, uri, options)
+        )
+        try:
+            ray.get(ok_ref)
+        except Exception as exc:
+            return {"ok": False, "error": _describe(exc)}
         with self._lock:
-            self._entries[entry_key] = {"ref": boxed_ref[0], "created": time.time(), "summary": summary}
+            self._entries[tuple(entry_key)] = {"ref": value_ref, "created": time.time(), "summary": summary}
+        return {"ok": True, "ref": [value_ref]}
 
     def release(self, prefix: tuple[Any, ...]) -> int:
         """Free every entry whose key starts with ``prefix`` (a run, a task, or one XCom)."""
@@ -203,6 +219,10 @@ class Owner:
         for key in doomed:
             del self._entries[key]  # dropping the last ObjectRef frees the object
         return len(doomed)
+
+
+def _read_checkpoint(reader: Any, uri: str, options: dict[str, Any]) -> tuple[Any, bool]:
+    return reader(uri, options), True
 
 
 def shard_for(dag_id: str, run_id: str, shards: int) -> int:

@@ -42,6 +42,7 @@ class ObjectReference:
     summary: dict[str, Any] = field(default_factory=dict)
     ray_conn_id: str = "ray_default"
     checkpoint_uri: str | None = None
+    checkpoint_source: str | None = None
 
     @property
     def entry_key(self) -> tuple[str, str, str, int, str]:
@@ -180,9 +181,9 @@ def ship_ray_side_code() -> None:
     """Send our Ray-side modules by value, so clusters need only Ray, not airflow-ray."""
     import ray.cloudpickle as cloudpickle
 
-    from airflow_ray import owner, runner
+    from airflow_ray import checkpoint, owner, runner
 
-    for module in (runner, owner):
+    for module in (runner, owner, checkpoint):
         cloudpickle.register_pickle_by_value(module)
 
 

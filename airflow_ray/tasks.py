@@ -27,8 +27,9 @@ from airflow_ray.errors import (
     RayTaskError,
 )
 from airflow_ray.runner import SLOT
-from airflow_ray.store import ObjectHandle, ObjectReference, get_owner, owner_name
+from airflow_ray.store import ObjectHandle, ObjectReference, forget_owners, get_owner, owner_name
 
+_log = logging.getLogger(__name__)
 _POLL_INTERVAL_S = 0.2
 _FEASIBILITY_INTERVAL_S = 2.0
 _CANCEL_GRACE_S = 10.0
@@ -130,13 +131,51 @@ def resolve(references: list[ObjectReference]) -> list[Any]:
         try:
             owner = get_owner(name)
             boxed = ray.get(owner.lookup.remote([r.entry_key for r in group]))
-        except (ValueError, ray.exceptions.RayActorError) as exc:
-            raise lost_error(group[0], f"its owner actor '{name}' is gone") from exc
+        except (ValueError, ray.exceptions.RayActorError):
+            forget_owners()
+            for i in indexes:
+                refs[i] = restore(references[i], f"its owner actor '{name}' is gone")
+            continue
         for i, reference, box in zip(indexes, group, boxed, strict=True):
             if box is None:
-                raise lost_error(reference, "its owner no longer holds it (freed or owner restarted)")
-            refs[i] = box[0]
+                refs[i] = restore(reference, "its owner no longer holds it (freed or owner restarted)")
+            else:
+                refs[i] = box[0]
     return refs
+
+
+def restore(reference: ObjectReference, why: str) -> Any:
+    """Load a lost object back from its checkpoint into the owner; else a clear error.
+
+    The owner re-registers the restored object, so later readers get it from memory again.
+    """
+    import ray
+
+    from airflow_ray import checkpoint
+
+    if not reference.checkpoint_uri:
+        raise lost_error(reference, why)
+    options = checkpoint.storage_options_for(reference.checkpoint_uri, reference.checkpoint_source)
+    owner = get_owner(reference.owner, create=True)
+    result = ray.get(
+        owner.restore.remote(
+            reference.entry_key,
+            checkpoint.read_checkpoint,
+            reference.checkpoint_uri,
+            options,
+            reference.summary,
+        )
+    )
+    if not result["ok"]:
+        error = result["error"]
+        raise RayObjectLostError(
+            f"The output of {reference.describe()} was lost ({why}) and restoring it from its "
+            f"checkpoint {reference.checkpoint_uri} failed: {error['type']}: {error['message']}"
+        )
+    _log.warning(
+        "Restored the output of %s from its checkpoint %s", reference.describe(), reference.checkpoint_uri
+    )
+    return result["ref"][0]
 
 
 def lost_error(reference: ObjectReference, why: str) -> RayObjectLostError:
