@@ -250,8 +250,9 @@ def _terminate_processes(temp_dir: str, address: str) -> None:
 
     roots = []
     for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if temp_dir in cmdline or f"--address={address}" in cmdline:
+        args = proc.info["cmdline"] or []
+        # the whole argument: "--address=127.0.0.1:6379" must not match a cluster on port 63790
+        if temp_dir in " ".join(args) or f"--address={address}" in args:
             roots.append(proc)
     victims = {p.pid: p for root in roots for p in [root, *_children(root)]}
     for proc in victims.values():

@@ -176,15 +176,22 @@ class RayPythonOperator(PythonOperator):
         }
         if self.checkpoint:
             references = self._write_checkpoints(references)
-        if not _ray_xcom_enabled():
-            # Airflow's XCom stores the value itself: fetch it, then let the owner free it.
-            import ray
+        import ray
 
-            refs = tasks.resolve(list(references.values()))
-            values = {key: ray.get(ref) for key, ref in zip(references, refs, strict=True)}
-            ray.get(get_owner(name).release.remote(self._task_key))
-            return values if self.multiple_outputs else values["return_value"]
-        results = {k: result_for(r) for k, r in references.items()}
+        threshold = config.xcom_threshold_bytes()
+        inline = {
+            k for k, r in references.items() if r.summary.get("plain") and r.summary["bytes"] < threshold
+        }
+        if not _ray_xcom_enabled():
+            inline = set(references)  # Airflow's XCom stores the value itself
+        values: dict[str, Any] = {}
+        if inline:
+            # Small JSON-like outputs (metrics, ids) live in the XCom table, readable in the UI.
+            refs = tasks.resolve([references[k] for k in inline])
+            values = dict(zip(inline, ray.get(refs), strict=True))
+            owner = get_owner(name)
+            ray.get([owner.release.remote(references[k].entry_key) for k in inline])
+        results = {k: values[k] if k in inline else result_for(r) for k, r in references.items()}
         return results if self.multiple_outputs else results["return_value"]
 
     def _write_checkpoints(self, references: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 #: Marks where an upstream object goes in the (pickled) arguments: {SLOT: index, "path": [...]}.
 SLOT = "__airflow_ray_slot__"
 _FLUSH_INTERVAL_S = 0.3
+_PLAIN_BUDGET = 2000
 
 
 def execute(
@@ -78,7 +80,26 @@ def summarize(value: Any) -> dict[str, Any]:
             summary.update(rows=value.num_rows, columns=value.num_columns, bytes=int(value.nbytes))
         elif isinstance(value, (bytes, bytearray, memoryview, str, list, tuple, dict, set, frozenset)):
             summary.update(length=len(value))
+        if _is_plain(value, [_PLAIN_BUDGET]):  # small JSON-like data: may live in the XCom table
+            summary.update(plain=True, bytes=len(json.dumps(value, default=str)))
     return summary
+
+
+def _is_plain(value: Any, budget: list[int]) -> bool:
+    """JSON-like (numbers, strings, lists, str-keyed dicts) and small, checked in bounded time."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return False
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if isinstance(value, str):
+        budget[0] -= len(value) // 64
+        return budget[0] >= 0
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v, budget) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v, budget) for k, v in value.items())
+    return False
 
 
 # --- private helpers -----------------------------------------------------------------------

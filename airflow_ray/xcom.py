@@ -63,8 +63,13 @@ class RayXComBackend(BaseXCom):
 
         if isinstance(value, RayResult):
             return value.reference.to_json()
-        if isinstance(value, dict) and value and all(isinstance(v, RayResult) for v in value.values()):
-            return {OUTPUTS: {k: v.reference.to_json() for k, v in value.items()}}  # multiple_outputs
+        if isinstance(value, dict) and any(isinstance(v, RayResult) for v in value.values()):
+            return {  # a @ray_task's multiple_outputs: references, and small values inline
+                OUTPUTS: {
+                    k: v.reference.to_json() if isinstance(v, RayResult) else BaseXCom.serialize_value(v)
+                    for k, v in value.items()
+                }
+            }
         task_key = (dag_id, run_id, task_id, -1 if map_index is None else map_index)
         if (outputs := _pushed_outputs(task_key, key, value)) is not None:
             return outputs

@@ -58,10 +58,8 @@ def _clean_config(monkeypatch: pytest.MonkeyPatch):
     for name in ("AIRFLOW__RAY__CHECKPOINT_PATH", "AIRFLOW__RAY__CHECKPOINT_CONN_ID"):
         monkeypatch.delenv(name, raising=False)
     config.clear_caches()
-    checkpoint._undeclared_config_option.cache_clear()
     yield
     config.clear_caches()
-    checkpoint._undeclared_config_option.cache_clear()
 
 
 @pytest.fixture

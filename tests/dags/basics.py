@@ -67,19 +67,19 @@ def mapping():
         return list(range(5))
 
     @ray_task(num_cpus=0.25)
-    def ray_numbers() -> list[int]:
-        return list(range(10, 13))
+    def ray_arrays() -> list[np.ndarray]:  # not JSON-like: the list stays in Ray's object store
+        return [np.full(1000, v) for v in (10, 11, 12)]
 
     @ray_task(num_cpus=0.25)
-    def times(x: int, factor: int) -> int:
-        return x * factor
+    def times(x, factor: int) -> int:
+        return int(x if np.isscalar(x) else x[0]) * factor
 
     @task
     def total(values) -> int:
         return sum(values)
 
     total(times.partial(factor=2).expand(x=numbers()))
-    times.partial(factor=3).expand(x=ray_numbers())
+    times.partial(factor=3).expand(x=ray_arrays())
 
 
 mixing_dag = mixing()
