@@ -31,6 +31,17 @@ def _booster():
     return xgb.train({"max_depth": 2}, xgb.DMatrix(df[["x"]], label=df["y"]), num_boost_round=3)
 
 
+def _payload() -> dict:
+    return {
+        "array": np.arange(100_000, dtype=np.float64),
+        "frame": _frame(),
+        "table": pa.Table.from_pandas(_frame()),
+        "nested": {"a": [1, 2, {"b": (3, 4)}], "c": None},
+        "model": _model(),
+        "booster": _booster(),
+    }
+
+
 def _check(array, frame, table, nested, model, booster) -> dict:
     """Runs in both kinds of consumer: every type arrives as itself, with its data."""
     import xgboost as xgb
@@ -51,25 +62,11 @@ def _check(array, frame, table, nested, model, booster) -> dict:
 def types():
     @ray_task(multiple_outputs=True, num_cpus=0.5)
     def produce_on_ray() -> dict:
-        return {
-            "array": np.arange(100_000, dtype=np.float64),
-            "frame": _frame(),
-            "table": pa.Table.from_pandas(_frame()),
-            "nested": {"a": [1, 2, {"b": (3, 4)}], "c": None},
-            "model": _model(),
-            "booster": _booster(),
-        }
+        return _payload()
 
     @task(multiple_outputs=True)
     def produce_in_airflow() -> dict:
-        return {
-            "array": np.arange(100_000, dtype=np.float64),
-            "frame": _frame(),
-            "table": pa.Table.from_pandas(_frame()),
-            "nested": {"a": [1, 2, {"b": (3, 4)}], "c": None},
-            "model": _model(),
-            "booster": _booster(),
-        }
+        return _payload()
 
     @ray_task(num_cpus=0.5)
     def check_on_ray(array, frame, table, nested, model, booster) -> dict:
