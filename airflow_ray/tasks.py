@@ -105,8 +105,8 @@ def extract_handles(obj: Any) -> tuple[Any, list[ObjectHandle]]:
             return {SLOT: len(handles) - 1, "path": list(value.path)}
         if isinstance(value, dict):
             return {k: walk(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [walk(v) for v in value]
+        if isinstance(value, list) or type(value).__name__ == "LazyXComSequence":
+            return [walk(v) for v in value]  # a mapped upstream's outputs, one handle each
         if isinstance(value, tuple):
             return tuple(walk(v) for v in value)
         return value

@@ -112,6 +112,14 @@ def test_tune_dag_trials_get_their_configs_and_best_model_is_loaded(airflow_env)
     assert Path(plot.removeprefix("file://")).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_example_ray_basics_mixes_plain_ray_and_mapped_tasks(airflow_env):
+    """The README's first example DAG, on the embedded Ray: plain -> mapped Ray -> Ray -> plain."""
+    xcom = _run_dag(airflow_env, "example_ray_basics", {}, "summarize")
+    stats = xcom["summarize"]
+    assert stats["n"] == 4 * 250_000  # every mapped shard's array reached the Ray consumer
+    assert abs(stats["mean"]) < 0.01 and abs(stats["std"] - 1) < 0.01
+
+
 def _main(dag_id: str, conf: str, *task_ids: str) -> None:
     """Subprocess entry point: run the DAG with ``dag.test()``, print the tasks' return values."""
     from airflow.dag_processing.dagbag import DagBag
