@@ -30,7 +30,12 @@ class RunResult:
             if row is None:
                 return None
             value = row.value
-            return json.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, str):
+                return value
+            try:
+                return json.loads(value)
+            except ValueError:  # a JSON string the column already decoded
+                return value
 
     def xcom(self, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
         """The value as a plain downstream task would receive it (through the XCom backend)."""

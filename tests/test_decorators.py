@@ -187,3 +187,50 @@ def test_unpicklable_function_and_return_value(run_dag, capfd):
     assert "Cannot send the function of task 'uses_lock'" in text
     assert "lock" in text.lower()
     assert "The return value of task 'returns_lock'" in text
+
+
+def test_on_kill_cancels_the_running_ray_task(ray_cluster):
+    """Airflow calls ``on_kill`` when it kills a task (SIGTERM): the Ray task must stop too."""
+    import logging
+    import threading
+
+    import psutil
+    import ray
+
+    from airflow_ray import tasks
+    from airflow_ray.errors import RayTaskError
+    from airflow_ray.hooks import RayHook
+    from airflow_ray.operators import RayPythonOperator
+    from airflow_ray.store import get_owner, owner_name
+
+    RayHook().connect()
+    task_key = ("killed", "run", "sleeper", -1)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        request = tasks.TaskRequest(
+            fn=time.sleep, args=(300,), kwargs={}, task_key=task_key, options={"num_cpus": 0.1}
+        )
+        try:
+            tasks.run(request, logging.getLogger("tests"))
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    owner = get_owner(owner_name("killed", "run"), create=True)
+    deadline = time.monotonic() + 120
+    while not (state := ray.get(owner.poll.remote(task_key, 0)))["started"]:
+        assert time.monotonic() < deadline, "the Ray task never started"
+        time.sleep(0.2)
+    op = RayPythonOperator(task_id="sleeper", python_callable=time.sleep)
+    op._running = (owner_name("killed", "run"), task_key)
+    op.on_kill()
+    thread.join(timeout=30)
+    assert failure and isinstance(failure[0], RayTaskError)
+    assert "was cancelled" in str(failure[0])
+    pid = state["started"]["pid"]
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the Ray worker still runs 10 s after on_kill"
+        time.sleep(0.2)
