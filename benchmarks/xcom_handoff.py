@@ -241,9 +241,9 @@ def _run_worker(cmd: list[str], env: dict[str, str]) -> str:
             cell = json.loads(line[6:])
             print(f"[{time.strftime('%X')}]   {_one_line(cell)}", file=sys.stderr, flush=True)
     err = proc.stderr.read() if proc.stderr else ""
-    if proc.wait() != 0:
+    if proc.wait() != 0:  # report what was measured; the table says which cells are missing
         print(err[-5000:], file=sys.stderr)
-        raise RuntimeError(f"worker {cmd[3]} failed with exit code {proc.returncode}")
+        print(f"worker {cmd[3]} failed with exit code {proc.returncode}", file=sys.stderr)
     return "".join(out_lines)
 
 
@@ -251,9 +251,14 @@ def _one_line(cell: dict[str, Any]) -> str:
     head = f"{cell['section']} {cell['backend']} {cell['pipeline']} {cell['kind']} {cell['mb']} MB"
     if cell.get("skipped"):
         return f"{head}: {cell['skipped']}"
+
+    def s(x: Any) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    error = f" [{cell['error']}]" if cell.get("error") else ""
     return (
-        f"{head}: push {cell['push_s']:.3f} s, pull {cell['pull_s']:.3f} s, e2e {cell['e2e_s']:.3f} s, "
-        f"DB {cell['db_bytes']} B"
+        f"{head}: push {s(cell['push_s'])} s, pull {s(cell['pull_s'])} s, e2e {s(cell['e2e_s'])} s, "
+        f"DB {cell.get('db_bytes')} B{error}"
     )
 
 
@@ -306,7 +311,14 @@ def _worker(args: Any, sizes: list[int], kinds: list[str]) -> None:
                 else:
                     cell = run_cell(pipeline, kind, mb)
                     if backend != "ray" and cell.get("push_s") is not None:
-                        cost_per_mb[kind] = ((cell["push_s"] + cell["pull_s"]) / mb, cell["db_bytes"] / mb)
+                        rss = max(
+                            cell.get("produce_rss_delta_mb") or 0, cell.get("consume_rss_delta_mb") or 0
+                        )
+                        cost_per_mb[kind] = (
+                            (cell["push_s"] + cell["pull_s"]) / mb,
+                            cell["db_bytes"] / mb,
+                            rss / mb,
+                        )
                 print("CELL: " + json.dumps(cell), flush=True)
                 import gc
 
@@ -315,7 +327,7 @@ def _worker(args: Any, sizes: list[int], kinds: list[str]) -> None:
 
 
 def _skip_reason(
-    backend: str, kind: str, mb: int, cost: tuple[float, float] | None, limit_s: float
+    backend: str, kind: str, mb: int, cost: tuple[float, float, float] | None, limit_s: float
 ) -> str | None:
     if backend == "ray":
         return None
@@ -328,6 +340,11 @@ def _skip_reason(
         return f"skipped (too slow: ~{seconds:.0f} s est. > {limit_s:.0f} s)"
     if backend == "default" and cost[1] * mb > SQLITE_MAX_LENGTH:
         return f"skipped (~{cost[1] * mb / 1e9:.1f} GB of hex text > SQLite's 1 GB value limit)"
+    import psutil
+
+    available = psutil.virtual_memory().available / 1e6
+    if cost[2] * mb > 0.7 * available:  # a 2 GB DataFrame as hex JSON needs ~18 GB (measured)
+        return f"skipped (needs ~{cost[2] * mb / 1e3:.0f} GB RAM est., {available / 1e3:.0f} GB available)"
     return None
 
 
