@@ -243,11 +243,14 @@ def _materialize(references: list[ObjectReference]) -> list[Any]:
     from airflow_ray.hooks import RayHook
 
     RayHook(references[0].ray_conn_id).connect()
-    refs = tasks.resolve(references)
-    try:
-        return ray.get(refs)
-    except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
-        raise tasks.lost_error(references[0], type(exc).__name__) from exc
+    values = []
+    for reference, ref in zip(references, tasks.resolve(references), strict=True):
+        try:
+            values.append(ray.get(ref))
+        except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
+            # listed by its owner but lost (e.g. its node died): the checkpoint, or a clear error
+            values.append(ray.get(tasks.restore(reference, type(exc).__name__)))
+    return values
 
 
 def _consumer_is_ray_task() -> bool:
