@@ -26,7 +26,8 @@ def test_plain_ray_ray_plain(run_dag, request, backend):
         assert result.xcom_raw("square")["pid"] == out["ray_pid"]  # the value itself is in the table
     else:
         # `-> dict` makes TaskFlow infer multiple_outputs; small JSON-like values stay in the table
-        assert result.xcom_raw("square")["__airflow_ray_outputs__"]["values"] == [3, 12, 27]
+        assert result.xcom_raw("square")["values"] == [3, 12, 27]
+        assert result.xcom_raw("square", key="values") == [3, 12, 27]
 
 
 def test_operator_attributes_and_task_ray_registration():
