@@ -236,6 +236,7 @@ def probe(target: RayTarget) -> None:
     if not host or not port.isdigit():
         raise RayConnectionError(f"Invalid Ray address {target.describe()}: expected host:port")
     from ray._private.grpc_utils import init_grpc_channel
+    from ray.exceptions import AuthenticationError
 
     channel = init_grpc_channel(address, asynchronous=False)
     try:
@@ -250,6 +251,8 @@ def probe(target: RayTarget) -> None:
 
             stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
             stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=_PROBE_TIMEOUT_S)
+    except AuthenticationError as exc:  # token mode, but no token found to send
+        raise RayAuthenticationError(f"Ray authentication failed for {target.describe()}: {exc}") from exc
     except grpc.RpcError as exc:
         code = exc.code()
         if code == grpc.StatusCode.UNAUTHENTICATED:
