@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ def test_custom_resource_task_runs_on_the_node_that_has_it():
     lines = [line for line in proc.stdout.splitlines() if line.startswith("MULTINODE=")]
     assert proc.returncode == 0 and lines, f"{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
     report = json.loads(lines[-1].removeprefix("MULTINODE="))
+    shutil.rmtree(temp_dir, ignore_errors=True)  # kept for its logs when the run failed
 
     assert report["source"] == "environment variable RAY_ADDRESS"
     assert report["state"] == "success", report["states"]
