@@ -70,7 +70,10 @@ def _cluster(action: str, *, as_json: bool) -> int:
     print(f"ray client:    {info['client_address']}")
     print(f"dashboard:     {info['dashboard'] or 'off'}")
     print(f"nodes:         {info['nodes']}")
-    resources = ", ".join(f"{k}={v:g}" for k, v in sorted(info["resources"].items()))
+    resources = ", ".join(
+        f"{k}={v / 2**30:.1f} GiB" if k in ("memory", "object_store_memory") else f"{k}={v:g}"
+        for k, v in sorted(info["resources"].items())
+    )
     print(f"resources:     {resources}")
     print(
         f"object store:  {used / 2**20:.1f} MiB used of {capacity / 2**20:.0f} MiB, "

@@ -56,12 +56,6 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "example": "600",
         "default": "60",
     },
-    "connect_timeout": {
-        "description": "Seconds to wait for the Ray cluster to answer before a task fails.",
-        "type": "integer",
-        "example": "30",
-        "default": "30",
-    },
     "checkpoint_path": {
         "description": "Default base URI for task checkpoints (``s3://bucket/prefix``, "
         "``file:///path``) when a task sets ``checkpoint=True`` without a path or connection.",
@@ -162,11 +156,6 @@ def infeasible_task_timeout() -> float:
 
 
 @cache
-def connect_timeout() -> float:
-    return float(_get_int("connect_timeout") or 30)
-
-
-@cache
 def checkpoint_path() -> str | None:
     return _get("checkpoint_path").strip() or None
 
@@ -210,7 +199,6 @@ def clear_caches() -> None:
         owner_shards,
         namespace,
         infeasible_task_timeout,
-        connect_timeout,
         checkpoint_path,
         checkpoint_conn_id,
         checkpoint_retention_seconds,
