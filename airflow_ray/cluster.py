@@ -87,9 +87,30 @@ def stop() -> bool:
         cluster = _read_state()
         if cluster is None:
             return False
+        _disconnect_from(cluster)
         _terminate_processes(cluster.temp_dir, cluster.address)
         _state_file().unlink(missing_ok=True)
         return True
+
+
+def _disconnect_from(cluster: LocalCluster) -> None:
+    """Leave the cluster before killing it if this process is one of its drivers.
+
+    A Ray driver whose GCS dies ends its own process (exit status 1, unflushed output lost),
+    which would take down e.g. a test session that stops the cluster in its teardown.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    try:
+        gcs_address = ray.get_runtime_context().gcs_address
+    except Exception:
+        gcs_address = None
+    if gcs_address in (None, cluster.address):
+        ray.shutdown()
+        from airflow_ray.store import forget_owners
+
+        forget_owners()
 
 
 def current() -> LocalCluster | None:
