@@ -9,6 +9,7 @@ functions are shipped to Ray by value, exactly like functions in users' DAG file
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,10 @@ def pytest_configure(config: pytest.Config) -> None:
         capture_output=True,
         env=os.environ,
     )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(HOME, ignore_errors=True)  # the session's Airflow home, DB and cluster state
 
 
 @pytest.fixture(scope="session")
