@@ -46,6 +46,19 @@ class RunResult:
         return XCom.deserialize_value(XComResult(key=key, value=raw))
 
 
+def connected_or_private_ray():
+    """Yield with Ray connected: the suite's head if this process is already a driver, else a
+    private 2-CPU one (``address="local"`` never joins a cluster someone else started)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2)
+    yield
+    ray.shutdown()
+
+
 def run_dag(dag: Any, **kwargs: Any) -> RunResult:
     dr = dag.test(**kwargs)
     from airflow.models.taskinstance import TaskInstance

@@ -170,15 +170,13 @@ def test_execution_timeout_cancels_the_ray_task(run_dag):
         time.sleep(0.2)
 
 
+@pytest.mark.timeout(300)  # never hang: [ray] infeasible_task_timeout is 5 s here (60 s by default)
 def test_infeasible_resources_fail_with_a_message(run_dag, capfd):
-    started = time.monotonic()
     result = run_dag(failures.infeasible_dag)
-    elapsed = time.monotonic() - started
     text = "".join(capfd.readouterr())
     assert result.states == {"needs_gpu": "failed", "needs_custom": "failed"}
     assert "task 'needs_gpu' of DAG 'infeasible'" in text and "GPU=1 (node has 0)" in text
     assert "no_such=1 (node has 0)" in text
-    assert elapsed < 120  # [ray] infeasible_task_timeout is 5 s in these tests (60 s by default)
 
 
 def test_unpicklable_function_and_return_value(run_dag, capfd):

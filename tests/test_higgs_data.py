@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.helpers import connected_or_private_ray
 from tests.s3_server import S3Server, moto_s3_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "dags"))
@@ -31,14 +32,7 @@ def ray_cluster():
 
     ``address="local"`` starts a new cluster: never join one someone else started on this machine.
     """
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2)
-    yield
-    ray.shutdown()
+    yield from connected_or_private_ray()
 
 
 def _write_uci(path: Path, frame: pd.DataFrame) -> None:

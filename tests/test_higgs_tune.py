@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import connected_or_private_ray
+
 DAGS = Path(__file__).resolve().parents[1] / "examples" / "dags"
 sys.path.insert(0, str(DAGS))
 
@@ -32,12 +34,7 @@ def ray_cluster():
     # Ray workers cannot import the DAG-folder helpers: ship them by value, as @ray_task does.
     for module in (higgs_data, higgs_training, higgs_tune):
         ray.cloudpickle.register_pickle_by_value(module)
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2)
-    yield
-    ray.shutdown()
+    yield from connected_or_private_ray()
 
 
 @pytest.fixture(scope="module")
