@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from airflow.sdk.bases.decorator import DecoratedOperator, task_decorator_factory
 
-from airflow_ray.operators import RayPythonOperator
+from airflow_ray.operators.python import RayPythonOperator
 
 if TYPE_CHECKING:
     from airflow.sdk.bases.decorator import Task, TaskDecorator

@@ -21,7 +21,7 @@ def get_provider_info() -> dict[str, Any]:
                 "tags": ["compute"],
             }
         ],
-        "operators": [{"integration-name": "Ray", "python-modules": ["airflow_ray.operators"]}],
+        "operators": [{"integration-name": "Ray", "python-modules": ["airflow_ray.operators.python"]}],
         "hooks": [{"integration-name": "Ray", "python-modules": ["airflow_ray.hooks"]}],
         "connection-types": [
             {

@@ -1,0 +1,26 @@
+"""Operators: run Python callables on Ray (``RayPythonOperator``), and more to come.
+
+Each operator lives in its own module; this package re-exports them lazily so that
+``from airflow_ray.operators import RayPythonOperator`` keeps working and importing one
+operator does not import the others' dependencies.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from airflow_ray.operators.python import RayPythonOperator
+
+__all__ = ["RayPythonOperator"]
+
+_LAZY = {
+    "RayPythonOperator": "airflow_ray.operators.python",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'airflow_ray.operators' has no attribute {name!r}")
