@@ -69,6 +69,26 @@ class RayTarget:
         return f"{self.address} (from {self.source})"
 
 
+@dataclass(frozen=True)
+class DashboardTarget:
+    """The Ray dashboard / Jobs API of a cluster (``http(s)://host:8265``) and how to authenticate.
+
+    Ray's dashboard HTTP server takes the cluster token as ``Authorization: Bearer <token>``
+    (Ray 2.60, ``ray/_private/authentication/http_token_authentication.py``). ``local_token``
+    says the token is the embedded cluster's file, so a trigger can find it again from this
+    flag instead of carrying the secret through the metadata DB.
+    """
+
+    url: str
+    source: str
+    local_token: bool = False
+    token: str | None = field(default=None, repr=False)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
 class RayHook(BaseHook):
     """Connects the Airflow task process to a Ray cluster as a driver.
 
@@ -171,6 +191,44 @@ class RayHook(BaseHook):
     def get_dashboard_url(self) -> str | None:
         """The dashboard / Jobs API URL, or None if the cluster has none we know of."""
         return self.target.dashboard_url
+
+    def get_dashboard(self) -> DashboardTarget:
+        """The Jobs API address and token, as Ray's own job CLI finds them, without connecting.
+
+        First match wins: the connection's ``dashboard_url`` extra -> ``RAY_API_SERVER_ADDRESS``
+        -> an ``http(s)://`` ``RAY_ADDRESS`` -> the embedded local cluster's dashboard (started
+        if needed). A driver address with no dashboard URL beside it is an error that says
+        what to set, rather than a guess at port 8265.
+        """
+        conn = self._connection()
+        password = conn.password if conn is not None else None
+        if url := _extra(conn, "dashboard_url"):
+            return DashboardTarget(url, f"Airflow connection '{conn.conn_id}'", token=http_token(password))
+        if url := _dashboard_from_env():
+            return DashboardTarget(url, "the environment", token=http_token(password))
+        driver = (conn.host or "").strip() if conn is not None else ""
+        driver = driver or os.environ.get("RAY_URL") or os.environ.get("RAY_ADDRESS")
+        if driver:
+            raise RayConnectionError(
+                f"No Ray dashboard / Jobs API URL is known for the cluster at {driver}: set the "
+                f"'dashboard_url' extra of connection '{self.ray_conn_id}' or RAY_API_SERVER_ADDRESS "
+                "(e.g. http://head:8265)."
+            )
+        from airflow_ray import cluster
+
+        local = cluster.ensure_running()
+        if local.dashboard_url is None:
+            raise RayConnectionError(
+                "The embedded local Ray cluster runs without its dashboard, which serves the Jobs API: "
+                "set [ray] local_cluster_dashboard = True (AIRFLOW__RAY__LOCAL_CLUSTER_DASHBOARD) and "
+                "restart it with `airflow-ray cluster stop`."
+            )
+        return DashboardTarget(
+            local.dashboard_url,
+            "the embedded local cluster",
+            local_token=True,
+            token=http_token(None, local_token=True),
+        )
 
     @staticmethod
     def cluster_status(address: str, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -325,6 +383,26 @@ def _token_env(token: str | None) -> dict[str, str]:
     if os.environ.get("RAY_AUTH_TOKEN") or token_file.exists():
         return {"RAY_AUTH_MODE": "token"}
     return {}
+
+
+def http_token(password: str | None, *, local_token: bool = False) -> str | None:
+    """The token to send to a dashboard: the connection's, ``RAY_AUTH_TOKEN``, or the token file.
+
+    The token file (``RAY_AUTH_TOKEN_PATH``, default ``~/.ray/auth_token``) is only read for the
+    embedded cluster or when ``RAY_AUTH_MODE=token`` says the cluster wants it: a local secret
+    is never sent to a dashboard that did not ask for one.
+    """
+    if password:
+        return password
+    if token := os.environ.get("RAY_AUTH_TOKEN"):
+        return token
+    if local_token or os.environ.get("RAY_AUTH_MODE") == "token":
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+        try:
+            return path.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+    return None
 
 
 def _extra(conn: Connection | None, key: str) -> Any:

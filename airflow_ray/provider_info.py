@@ -21,8 +21,15 @@ def get_provider_info() -> dict[str, Any]:
                 "tags": ["compute"],
             }
         ],
-        "operators": [{"integration-name": "Ray", "python-modules": ["airflow_ray.operators.python"]}],
-        "hooks": [{"integration-name": "Ray", "python-modules": ["airflow_ray.hooks"]}],
+        "operators": [
+            {
+                "integration-name": "Ray",
+                "python-modules": ["airflow_ray.operators.python", "airflow_ray.operators.job"],
+            }
+        ],
+        "hooks": [{"integration-name": "Ray", "python-modules": ["airflow_ray.hooks", "airflow_ray.jobs"]}],
+        "triggers": [{"integration-name": "Ray", "python-modules": ["airflow_ray.triggers"]}],
+        "extra-links": ["airflow_ray.links.RayDashboardLink"],
         "connection-types": [
             {
                 "hook-class-name": "airflow_ray.hooks.RayHook",

@@ -1,4 +1,4 @@
-"""Operators: run Python callables on Ray (``RayPythonOperator``), and more to come.
+"""Operators: Python callables on Ray (``RayPythonOperator``), Ray Jobs (``RaySubmitJobOperator``).
 
 Each operator lives in its own module; this package re-exports them lazily so that
 ``from airflow_ray.operators import RayPythonOperator`` keeps working and importing one
@@ -11,12 +11,14 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from airflow_ray.operators.job import RaySubmitJobOperator
     from airflow_ray.operators.python import RayPythonOperator
 
-__all__ = ["RayPythonOperator"]
+__all__ = ["RayPythonOperator", "RaySubmitJobOperator"]
 
 _LAZY = {
     "RayPythonOperator": "airflow_ray.operators.python",
+    "RaySubmitJobOperator": "airflow_ray.operators.job",
 }
 
 

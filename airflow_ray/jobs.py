@@ -1,0 +1,230 @@
+"""``RayJobHook``: the Ray Jobs API (submit, status, logs, stop), blocking and async.
+
+The blocking half wraps Ray's own ``JobSubmissionClient`` (it zips and uploads a local
+``working_dir`` / ``py_modules``); the async half speaks the same REST API with ``aiohttp``,
+so a trigger never blocks the triggerer's event loop. Both send the cluster token the way
+Ray's dashboard expects it (``Authorization: Bearer``), see
+:class:`~airflow_ray.hooks.DashboardTarget`.
+
+.. code-block:: python
+
+    from airflow_ray.jobs import RayJobHook
+
+    hook = RayJobHook("ray_default")
+    job_id = hook.submit_job(entrypoint="python -c 'print(42)'", submission_id="demo-1")
+    info = asyncio.run(hook.a_wait_for_job(job_id, on_log=print))  # prints 42
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk.exceptions import AirflowNotFoundException
+
+from airflow_ray.errors import RayAuthenticationError, RayConnectionError
+from airflow_ray.hooks import DashboardTarget, RayHook, http_token
+
+if TYPE_CHECKING:
+    import aiohttp
+    from ray.job_submission import JobSubmissionClient
+
+#: Ray job states that never change again (``ray.job_submission.JobStatus``).
+TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+_HTTP_TIMEOUT_S = 30.0
+_TAIL_GRACE_S = 10.0
+
+
+class RayJobHook(RayHook):
+    """Talks to a cluster's Jobs API.
+
+    :param ray_conn_id: Airflow connection of type ``ray``; its ``dashboard_url`` extra and its
+        token (password) are used. See :meth:`RayHook.get_dashboard` for the fallbacks.
+    :param dashboard_url: an already resolved Jobs API URL (triggers pass the one the operator
+        resolved, so the triggerer never starts or looks up an embedded cluster).
+    :param local_token: with ``dashboard_url``: authenticate with the local token file.
+    """
+
+    def __init__(
+        self,
+        ray_conn_id: str = RayHook.default_conn_name,
+        *,
+        dashboard_url: str | None = None,
+        local_token: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(ray_conn_id, **kwargs)
+        self.dashboard_url = dashboard_url
+        self.local_token = local_token
+
+    @cached_property
+    def dashboard(self) -> DashboardTarget:
+        if self.dashboard_url is None:
+            return self.get_dashboard()
+        conn = self._connection()
+        token = http_token(conn.password if conn else None, local_token=self.local_token)
+        return DashboardTarget(self.dashboard_url, "given", self.local_token, token)
+
+    @cached_property
+    def client(self) -> JobSubmissionClient:
+        from ray.job_submission import JobSubmissionClient
+
+        try:
+            return JobSubmissionClient(self.dashboard.url, headers=self.dashboard.headers)
+        except ConnectionError as exc:
+            raise RayConnectionError(
+                f"Ray Jobs API unreachable at {self.dashboard.url} (from {self.dashboard.source}): {exc}"
+            ) from exc
+
+    # -- blocking (the Airflow worker) ---------------------------------------------------------
+
+    def submit_job(self, *, entrypoint: str, submission_id: str, **kwargs: Any) -> str:
+        """Submit a job (uploading a local ``working_dir``); returns its submission id."""
+        return self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id, **kwargs)
+
+    def get_job_status(self, submission_id: str) -> str | None:
+        """The job's status (``PENDING``, ``RUNNING``, ``SUCCEEDED``...), or None if it does not exist."""
+        try:
+            return str(self.client.get_job_status(submission_id).value)
+        except RuntimeError as exc:
+            if "does not exist" in str(exc):
+                return None
+            raise
+
+    def stop_job(self, submission_id: str) -> bool:
+        """Ask Ray to stop the job (SIGTERM, then SIGKILL); True if it was still running."""
+        return self.client.stop_job(submission_id)
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        return [job.dict() for job in self.client.list_jobs()]
+
+    # -- async (the triggerer, and the worker's wait loop) -------------------------------------
+
+    async def a_get_job_info(self, submission_id: str) -> dict[str, Any]:
+        """The job's details (``status``, ``message``, ``driver_exit_code``...)."""
+        return await self._a_request("GET", f"/api/jobs/{submission_id}")
+
+    async def a_get_job_logs(self, submission_id: str) -> str:
+        return (await self._a_request("GET", f"/api/jobs/{submission_id}/logs"))["logs"]
+
+    async def a_stop_job(self, submission_id: str) -> bool:
+        return bool((await self._a_request("POST", f"/api/jobs/{submission_id}/stop"))["stopped"])
+
+    async def a_tail_job_logs(self, submission_id: str) -> AsyncIterator[str]:
+        """Chunks of the job's output as the driver writes them (Ray's websocket tail)."""
+        import aiohttp
+
+        session = await self._a_session()
+        async with (
+            session,
+            session.ws_connect(f"{self.dashboard.url}/api/jobs/{submission_id}/logs/tail") as ws,
+        ):
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                yield msg.data
+
+    async def a_wait_for_job(
+        self,
+        submission_id: str,
+        *,
+        on_log: Callable[[str], None],
+        poll_interval: float = 2.0,
+    ) -> dict[str, Any]:
+        """Stream the job's log lines to ``on_log`` until the job ends; return its final details.
+
+        The websocket tail is fast but may drop (agent restart, proxy); the status is polled
+        beside it, and once the job has ended the full log is fetched once and whatever the
+        tail missed is emitted, so the last lines always arrive, exactly once.
+        """
+        lines = _LineSplitter(on_log)
+        tail = asyncio.create_task(self._a_follow(submission_id, lines))
+        try:
+            while True:
+                done, _ = await asyncio.wait({tail}, timeout=poll_interval)
+                info = await self.a_get_job_info(submission_id)
+                if info["status"] in TERMINAL_STATES:
+                    if not done:
+                        await asyncio.wait({tail}, timeout=_TAIL_GRACE_S)
+                    break
+        finally:
+            tail.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await tail
+        full = await self.a_get_job_logs(submission_id)
+        if full.startswith(lines.seen):  # a re-started tail never repeats a line either
+            lines.feed(full[len(lines.seen) :])
+        lines.flush()
+        return info
+
+    # -- private -----------------------------------------------------------------------------
+
+    async def _a_follow(self, submission_id: str, lines: _LineSplitter) -> None:
+        async for chunk in self.a_tail_job_logs(submission_id):
+            lines.feed(chunk)
+
+    async def _a_dashboard(self) -> DashboardTarget:
+        """The dashboard target, resolved without blocking (connection lookup over the comms)."""
+        if "dashboard" in self.__dict__:
+            return self.__dict__["dashboard"]
+        if self.dashboard_url is None:
+            raise ValueError("RayJobHook's async methods need the resolved dashboard_url")
+        try:
+            conn = await self.aget_connection(self.ray_conn_id)
+        except AirflowNotFoundException:
+            conn = None
+        password = conn.password if conn is not None else None
+        token = await asyncio.to_thread(http_token, password, local_token=self.local_token)
+        target = DashboardTarget(self.dashboard_url, "given", self.local_token, token)
+        self.__dict__["dashboard"] = target
+        return target
+
+    async def _a_session(self) -> aiohttp.ClientSession:
+        import aiohttp
+
+        target = await self._a_dashboard()
+        return aiohttp.ClientSession(
+            headers=target.headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=_HTTP_TIMEOUT_S)
+        )
+
+    async def _a_request(self, method: str, path: str) -> Any:
+        import aiohttp
+
+        session = await self._a_session()
+        url = f"{self.dashboard.url}{path}"
+        try:
+            async with session, session.request(method, url, timeout=_HTTP_TIMEOUT_S) as resp:
+                body = await resp.text()
+                if resp.status in (401, 403):
+                    raise RayAuthenticationError(
+                        f"The Ray Jobs API at {self.dashboard.url} rejected our token ({resp.status}): "
+                        "put the cluster's token in the connection's password field or RAY_AUTH_TOKEN."
+                    )
+                if resp.status != 200:
+                    raise RuntimeError(f"{method} {url} failed ({resp.status}): {body[:500]}")
+                return await resp.json(content_type=None)
+        except aiohttp.ClientConnectionError as exc:
+            raise RayConnectionError(f"Ray Jobs API unreachable at {self.dashboard.url}: {exc}") from exc
+
+
+class _LineSplitter:
+    """Turns log chunks into whole lines for ``on_log``; remembers everything it was fed."""
+
+    def __init__(self, on_log: Callable[[str], None]) -> None:
+        self._on_log = on_log
+        self._partial = ""
+        self.seen = ""
+
+    def feed(self, chunk: str) -> None:
+        self.seen += chunk
+        *complete, self._partial = (self._partial + chunk).split("\n")
+        for line in complete:
+            self._on_log(line)
+
+    def flush(self) -> None:
+        if self._partial:
+            self._on_log(self._partial)
+            self._partial = ""

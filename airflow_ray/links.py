@@ -1,0 +1,40 @@
+"""``RayDashboardLink``: the "Ray Dashboard" button on a task instance.
+
+Airflow 3 calls ``get_link`` in the task process when the task ends and stores the URL as the
+XCom ``_link_RayDashboardLink``; the UI reads that row (an empty URL hides the button, so a
+cluster without a dashboard gets none). The job operator also pushes the URL as soon as the
+job is submitted, so the button works while the job runs.
+
+* ``RaySubmitJobOperator``: the job's page, ``<dashboard>/#/jobs/<submission id>``.
+* ``@ray_task`` (``RayPythonOperator``): the page of the DAG run's owner actor, which submits
+  the run's Ray tasks (``<dashboard>/#/actors/<actor id>``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperatorLink
+
+if TYPE_CHECKING:
+    from airflow.sdk import BaseOperator
+    from airflow.sdk.types import TaskInstanceKey
+
+
+class RayDashboardLink(BaseOperatorLink):
+    """Reads the URL the operator set in ``ray_dashboard_link`` (empty: no dashboard, no button)."""
+
+    name = "Ray Dashboard"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        return getattr(operator, "ray_dashboard_link", None) or ""
+
+
+def job_url(dashboard_url: str | None, submission_id: str) -> str | None:
+    """The dashboard page of one Ray job."""
+    return f"{dashboard_url.rstrip('/')}/#/jobs/{submission_id}" if dashboard_url else None
+
+
+def actor_url(dashboard_url: str | None, actor: Any) -> str | None:
+    """The dashboard page of an actor (given its handle)."""
+    return f"{dashboard_url.rstrip('/')}/#/actors/{actor._actor_id.hex()}" if dashboard_url else None
