@@ -64,6 +64,15 @@ def ray_cluster():
     cluster.stop()
 
 
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """A real MLflow tracking server on loopback (sqlite backend, artifacts via the server)."""
+    from tests.mlflow_server import local_mlflow_server
+
+    with local_mlflow_server() as server:
+        yield server
+
+
 @pytest.fixture
 def run_dag(ray_cluster):
     """Run a DAG with ``dag.test()`` against the session's Ray head; returns a RunResult."""
