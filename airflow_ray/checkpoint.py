@@ -238,8 +238,11 @@ def storage_options_for(uri: str, conn_id: str | None) -> dict[str, Any]:
     return _connection_storage_options(conn, _protocol_of(uri)) if conn is not None else {}
 
 
-def write_checkpoint(value: Any, location: CheckpointLocation) -> dict[str, Any]:
+def write_checkpoint(value: Any, location: CheckpointLocation, *, blocks: bool = False) -> dict[str, Any]:
     """Write ``value`` as a checkpoint at ``location`` and return its manifest (worker side).
+
+    With ``blocks``, ``value`` is a Ray Data dataset as the owner holds it (a list of ObjectRefs
+    to Arrow tables): it is written as one table, and restored as a one-block dataset.
 
     The data streams to the store in large blocks and is hashed on the way (sha256, on a helper
     thread), so a 1 GB output is never copied whole in memory nor read back. Order makes it safe
@@ -253,6 +256,11 @@ def write_checkpoint(value: Any, location: CheckpointLocation) -> dict[str, Any]
     tables), ``dtype``/``shape`` (arrays), ``options`` (format details), ``producer`` (versions),
     ``created_at`` (UTC ISO 8601).
     """
+    if blocks:
+        import pyarrow as pa
+        import ray
+
+        value = pa.concat_tables(ray.get(list(value)))
     fs, dir_path = _open_fs(location.uri, location.storage_options)
     plan = _plan(value)
     data_name = _FORMAT_FILES[plan.format]

@@ -56,9 +56,11 @@ class Owner:
         call_blob: bytes,
         inputs: list[Any],
         options: dict[str, Any],
-        split: str | None,
+        spec: dict[str, Any],
     ) -> dict[str, Any]:
         """Submit the function, wait for it, register its outputs; never raises.
+
+        ``spec`` is :func:`runner.execute`'s (``split``, ``datasets``), less the task key.
 
         ``inputs`` arrive boxed in a list so Ray hands us the ObjectRefs themselves, which we
         pass on as top-level arguments: Ray resolves those on the worker, not here.
@@ -69,7 +71,7 @@ class Owner:
         with self._lock:
             self._tasks[task_key] = state
             self._drop(lambda key: key[:4] == task_key)  # a re-run replaces the old outputs
-        spec = {"task_key": task_key, "split": split}
+        spec = {**spec, "task_key": task_key}
         try:
             gen = self._execute.options(num_returns="streaming", **options).remote(
                 fn_blob, call_blob, spec, self._self, *inputs
@@ -83,12 +85,12 @@ class Owner:
             state["finished"] = time.time()
         names = meta["keys"] or ["return_value"]
         outputs = []
-        now = time.time()
-        with self._lock:
-            for name, ref, summary in zip(names, refs[:-1], meta["summaries"], strict=True):
-                entry = {"ref": ref, "created": now, "summary": summary}
-                self._entries[(*task_key, name)] = entry
-                outputs.append({"key": name, "object_id": ref.hex(), "summary": summary})
+        now, start = time.time(), 0
+        for name, count, summary in zip(names, meta["parts"], meta["summaries"], strict=True):
+            parts, start = refs[start : start + count], start + count
+            ref = ray.put(parts) if summary.get("dataset") else parts[0]  # a dataset: its blocks
+            object_id = self._register((*task_key, name), ref, summary, now)
+            outputs.append({"key": name, "object_id": object_id, "summary": summary})
         return {"ok": True, "outputs": outputs}
 
     def task_started(self, task_key: TaskKey, info: dict[str, Any]) -> None:
@@ -130,9 +132,21 @@ class Owner:
         """Take ownership of a value produced outside Ray (a plain ``@task`` output)."""
         import ray
 
-        ref = ray.put(value)
+        return self._register(entry_key, ray.put(value), summary)
+
+    def adopt_blocks(self, entry_key: EntryKey, summary: dict[str, Any], *blocks: Any) -> str:
+        """Take ownership of a Ray Data dataset made outside Ray: copy its blocks into objects
+        we own (the producer owns the originals and is about to exit)."""
+        import ray
+
+        return self._register(entry_key, ray.put([ray.put(block) for block in blocks]), summary)
+
+    def _register(
+        self, entry_key: EntryKey, ref: Any, summary: dict[str, Any], now: float | None = None
+    ) -> str:
+        created = time.time() if now is None else now
         with self._lock:
-            self._entries[entry_key] = {"ref": ref, "created": time.time(), "summary": summary}
+            self._entries[tuple(entry_key)] = {"ref": ref, "created": created, "summary": summary}
         return ref.hex()
 
     def lookup(self, entry_keys: list[EntryKey]) -> list[list[Any] | None]:
@@ -157,8 +171,9 @@ class Owner:
             ray.get(ok_ref)
         except Exception as exc:
             return {"ok": False, "error": _describe(exc)}
-        with self._lock:
-            self._entries[tuple(entry_key)] = {"ref": value_ref, "created": time.time(), "summary": summary}
+        if summary.get("dataset"):  # a dataset's checkpoint is one table: one block
+            value_ref = ray.put([value_ref])
+        self._register(entry_key, value_ref, summary)
         return {"ok": True, "ref": [value_ref]}
 
     def release(self, prefix: tuple[Any, ...]) -> int:

@@ -8,6 +8,8 @@ Ray but not airflow-ray or Airflow installed.
 owned by the caller, which is the detached owner actor, never the short-lived Airflow process.
 That is how a ``multiple_outputs`` task gets one object per key without copying anything, and
 how the last yield, a small metadata dict, reaches the owner without touching the data.
+A Ray Data ``Dataset`` is yielded block by block, so the owner owns its blocks too: the
+worker that executed the dataset may exit as soon as the task is done.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def execute(
 
     :param fn_blob: the cloudpickled function (its real code, closures and module globals).
     :param call_blob: cloudpickled ``(args, kwargs)`` with :data:`SLOT` placeholders.
-    :param spec: ``task_key`` (for log streaming), ``split`` (``None`` or ``"keys"``).
+    :param spec: ``task_key`` (for log streaming), ``split`` (``None`` or ``"keys"``),
+        ``datasets`` (indexes of inputs that are Ray Data datasets, given as lists of blocks).
     :param owner: handle of the owner actor, which buffers this task's log lines.
     :param inputs: upstream objects; Ray resolved them before calling us (zero-copy for
         numpy/Arrow buffers on the same node), so they arrive as values.
@@ -46,6 +49,7 @@ def execute(
     with _CapturedOutput(owner, task_key):
         fn = cloudpickle.loads(fn_blob)
         args, kwargs = cloudpickle.loads(call_blob)
+        inputs = [as_dataset(v) if i in spec.get("datasets", ()) else v for i, v in enumerate(inputs)]
         args = _fill(args, inputs)
         kwargs = _fill(kwargs, inputs)
         result = fn(*args, **kwargs)
@@ -55,12 +59,52 @@ def execute(
                 f"multiple_outputs=True needs the function to return a dict with str keys, "
                 f"got {type(result).__name__}"
             )
-        for value in result.values():  # noqa: UP028 (Ray's generator driver calls .send on yield-from targets)
-            yield value
-        yield {"keys": list(result), "summaries": [summarize(v) for v in result.values()]}
+        keys, values = list(result), list(result.values())
     else:
-        yield result
-        yield {"keys": None, "summaries": [summarize(result)]}
+        keys, values = None, [result]
+    parts, summaries = [], []
+    for value in values:
+        if is_dataset(value):
+            value = value.materialize()  # run it once: summarize() and the blocks share the result
+        summaries.append(summarize(value))
+        count = 0
+        for part in _parts(value):
+            count += 1
+            yield part
+        parts.append(count)
+    yield {"keys": keys, "summaries": summaries, "parts": parts}
+
+
+def is_dataset(value: Any) -> bool:
+    """A Ray Data ``Dataset`` (checked without importing ``ray.data``, which is slow to import)."""
+    return type(value).__module__.startswith("ray.data") and hasattr(value, "to_arrow_refs")
+
+
+def dataset_blocks(value: Any) -> Iterator[Any]:
+    """The Arrow tables of a Dataset, executing it if it is not materialized yet.
+
+    The blocks are owned by whoever ran the dataset (this worker, or an Airflow process), which
+    may exit at any time; the caller re-creates them as objects owned by the owner actor.
+    """
+    import ray
+
+    for ref in value.to_arrow_refs():
+        yield ray.get(ref)
+
+
+def as_dataset(block_refs: list[Any]) -> Any:
+    """The Dataset made of the given Arrow blocks (ObjectRefs), without reading them."""
+    import ray.data
+
+    return ray.data.from_arrow_refs(list(block_refs))
+
+
+def _parts(value: Any) -> Iterator[Any]:
+    """What is yielded for one output: the value itself, or a Dataset's blocks one by one."""
+    if is_dataset(value):
+        yield from dataset_blocks(value)
+    else:
+        yield value
 
 
 def summarize(value: Any) -> dict[str, Any]:
@@ -68,7 +112,9 @@ def summarize(value: Any) -> dict[str, Any]:
     cls = type(value)
     summary: dict[str, Any] = {"type": f"{cls.__module__}.{cls.__qualname__}".removeprefix("builtins.")}
     with contextlib.suppress(Exception):
-        if hasattr(value, "shape") and hasattr(value, "dtype"):  # numpy and friends
+        if is_dataset(value):
+            summary.update(dataset=True, rows=value.count(), bytes=int(value.size_bytes()))
+        elif hasattr(value, "shape") and hasattr(value, "dtype"):  # numpy and friends
             summary.update(shape=list(value.shape), dtype=str(value.dtype), bytes=int(value.nbytes))
         elif cls.__name__ == "DataFrame" and hasattr(value, "memory_usage"):  # pandas
             summary.update(

@@ -69,7 +69,11 @@ def run(request: TaskRequest, log: logging.Logger) -> list[dict[str, Any]]:
     call_blob = _dumps(template, f"the arguments of {request.label}")
     dag_id, run_id, *_ = request.task_key
     owner = get_owner(owner_name(dag_id, run_id), create=True)
-    run_ref = owner.run.remote(request.task_key, fn_blob, call_blob, inputs, request.options, request.split)
+    spec = {
+        "split": request.split,
+        "datasets": [i for i, h in enumerate(handles) if h.reference.summary.get("dataset")],
+    }
+    run_ref = owner.run.remote(request.task_key, fn_blob, call_blob, inputs, request.options, spec)
     try:
         _wait(run_ref, owner, request, log)
     except BaseException:

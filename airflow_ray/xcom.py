@@ -161,10 +161,13 @@ class _Stored:
 def _inline_or_none(value: Any) -> Any:
     """Airflow's own serialization if the value is small enough for the table, else None."""
     from airflow_ray import config
+    from airflow_ray.runner import is_dataset
 
     threshold = config.xcom_threshold_bytes()
     if value is None:
         return BaseXCom.serialize_value(value)
+    if is_dataset(value):  # its blocks belong in the object store, however small
+        return None
     size = _known_size(value)
     if size is not None and size >= threshold:
         return None
@@ -209,14 +212,19 @@ def _adopt(value: Any, key: str, dag_id: str, run_id: str, task_id: str, map_ind
     import ray
 
     from airflow_ray.hooks import RayHook
-    from airflow_ray.runner import summarize
+    from airflow_ray.runner import is_dataset, summarize
     from airflow_ray.store import get_owner, owner_name
 
     RayHook(XCOM_RAY_CONN_ID).connect()
     name = owner_name(dag_id, run_id)
     summary = summarize(value)
     entry_key = (dag_id, run_id, task_id, map_index, key)
-    object_id = ray.get(get_owner(name, create=True).adopt.remote(entry_key, value, summary))
+    owner = get_owner(name, create=True)
+    if is_dataset(value):  # its blocks are owned by this process: the owner copies them
+        adopted = owner.adopt_blocks.remote(entry_key, summary, *value.to_arrow_refs())
+    else:
+        adopted = owner.adopt.remote(entry_key, value, summary)
+    object_id = ray.get(adopted)
     reference = ObjectReference(
         owner=name,
         dag_id=dag_id,
@@ -241,15 +249,17 @@ def _materialize(references: list[ObjectReference]) -> list[Any]:
 
     from airflow_ray import tasks
     from airflow_ray.hooks import RayHook
+    from airflow_ray.runner import as_dataset
 
     RayHook(references[0].ray_conn_id).connect()
     values = []
     for reference, ref in zip(references, tasks.resolve(references), strict=True):
         try:
-            values.append(ray.get(ref))
+            value = ray.get(ref)
         except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
             # listed by its owner but lost (e.g. its node died): the checkpoint, or a clear error
-            values.append(ray.get(tasks.restore(reference, type(exc).__name__)))
+            value = ray.get(tasks.restore(reference, type(exc).__name__))
+        values.append(as_dataset(value) if reference.summary.get("dataset") else value)
     return values
 
 

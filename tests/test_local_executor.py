@@ -1,8 +1,5 @@
 """Cross-process hand-off under a real scheduler + LocalExecutor (each task its own process).
 
-Clearing and re-running under the scheduler is not covered here yet (the owner's replacement
-of a re-run task's outputs is tested in test_xcom.py); see the closing note of issue 3.
-
 ``dag.test()`` runs every task in the test process, so it cannot show that objects outlive
 the process that produced them. Here the api-server, scheduler and dag-processor run as
 real services on loopback, each task instance is its own short-lived process, and the Ray
@@ -89,12 +86,7 @@ def test_objects_outlive_their_producers(airflow_services):
         "the DAG to be parsed",
         240,
     )
-    subprocess.run(
-        [sys.executable, "-m", "airflow", "dags", "trigger", "cross_process", "--run-id", "xp1"],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    _airflow(env, "dags", "trigger", "cross_process", "--run-id", "xp1")
     _wait_for_run(db, "xp1", airflow_services["logs"])
     result = _xcom(db, "xp1", "consume")
     assert result["sum"] == float(2 * np.arange(2_000_000, dtype=np.float64).sum())
@@ -108,7 +100,55 @@ def test_objects_outlive_their_producers(airflow_services):
     assert raw["object_id"] in held, "the owner holds the run's objects after every producer exited"
 
 
+def test_clear_rerun_and_delete_return_the_object_store_to_baseline(airflow_services, ray_cluster):
+    """Object store bytes as the raylet reports them: a re-run replaces, a deleted run is freed."""
+    from airflow_ray import cluster
+
+    env, db, logs = airflow_services["env"], airflow_services["db"], airflow_services["logs"]
+    _wait(lambda: _scalar(db, "select count(*) from dag where dag_id='cross_process'"), "the DAG", 240)
+
+    def used() -> int:
+        return cluster.status(ray_cluster)["object_store_used_bytes"]
+
+    baseline = used()
+    run_bytes = 2 * 16_000_000  # produce's array and transform's doubled array
+    _airflow(env, "dags", "trigger", "cross_process", "--run-id", "xp2")
+    _wait_for_run(db, "xp2", logs)
+    first = _xcom(db, "xp2", "produce", key="data")["object_id"]
+    after_run = used()
+    assert after_run >= baseline + run_bytes
+
+    # Clear 'produce' and its downstream tasks, as the UI's "Clear" does; the scheduler re-runs them.
+    _airflow_python(
+        env,
+        "from airflow.utils.cli import get_db_dag;"
+        "dag = get_db_dag(None, 'cross_process');"
+        "dag.partial_subset(['produce'], include_downstream=True).clear(run_id='xp2')",
+    )
+    _wait_for_run(db, "xp2", logs)
+    assert _xcom(db, "xp2", "produce", key="data")["object_id"] != first  # a new object
+    _wait(lambda: used() <= after_run + run_bytes // 4, "the re-run's old objects to be freed", 30)
+
+    with sqlite3.connect(db, timeout=30) as conn:  # what deleting the run in the UI does
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("delete from dag_run where run_id='xp2'")
+    _airflow_ray(env, "gc")
+    _wait(lambda: used() <= baseline + run_bytes // 8, "the deleted run's objects to be freed", 30)
+
+
 # --- helpers -------------------------------------------------------------------------------
+
+
+def _airflow(env: dict[str, str], *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "airflow", *args], env=env, check=True, capture_output=True)
+
+
+def _airflow_python(env: dict[str, str], code: str) -> None:
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+
+
+def _airflow_ray(env: dict[str, str], *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "airflow_ray.cli", *args], env=env, check=True, capture_output=True)
 
 
 def _free_port() -> int:

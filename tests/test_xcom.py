@@ -36,6 +36,22 @@ def test_every_type_through_both_kinds_of_consumer(run_dag):
     assert result.xcom("produce_in_airflow")["nested"] == {"a": [1, 2, {"b": (3, 4)}], "c": None}
 
 
+def test_ray_data_datasets_outlive_their_producer(run_dag):
+    """A Dataset output is materialized and its blocks owned by the owner: the Ray worker
+    that ran it is killed before the consumers read it; a plain task's dataset is adopted."""
+    result = run_dag(handoff.datasets_dag)
+    assert result.state == "success", result.states
+    squares = sum(i * i for i in range(1000))
+    for consumer in ("check_on_ray", "check_in_airflow"):
+        seen = result.xcom(consumer)
+        assert seen["from_ray"] == {"type": "MaterializedDataset", "rows": 1000, "blocks": 4, "sum": squares}
+        assert seen["from_airflow"]["rows"] == 500 and seen["from_airflow"]["blocks"] == 2
+        assert seen["from_airflow"]["sum"] == sum(i * i for i in range(500))
+    summary = result.xcom_raw("make_on_ray", key="ds")["summary"]
+    assert summary["dataset"] and summary["rows"] == 1000 and summary["bytes"] > 0
+    assert result.xcom_raw("make_in_airflow")["summary"]["rows"] == 500
+
+
 def test_zero_copy_and_handles_not_values_in_airflow(run_dag):
     from airflow.models.renderedtifields import RenderedTaskInstanceFields as RTIF
     from airflow.utils.session import create_session

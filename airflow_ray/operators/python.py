@@ -224,7 +224,10 @@ class RayPythonOperator(PythonOperator):
             for key in references
         }
         manifests = ray.get(
-            [write.remote(ref, locations[key]) for key, ref in zip(references, refs, strict=True)]
+            [
+                write.remote(ref, locations[key], blocks=bool(references[key].summary.get("dataset")))
+                for key, ref in zip(references, refs, strict=True)
+            ]
         )
         for key, manifest in zip(references, manifests, strict=True):
             self.log.info(

@@ -124,6 +124,64 @@ def isolation():
     consume(produce("{{ params.value }}"))
 
 
+def _squares(batch: dict) -> dict:
+    return {"id": batch["id"], "square": batch["id"] ** 2}
+
+
+def _summary(ds) -> dict:
+    """What a consumer sees of a dataset: its type, rows, blocks and a checksum of its data."""
+    return {
+        "type": type(ds).__name__,
+        "rows": ds.count(),
+        "blocks": ds.num_blocks(),
+        "sum": int(ds.sum("square")),
+    }
+
+
+@dag(dag_id="datasets", schedule=None)
+def datasets():
+    @ray_task(multiple_outputs=True, num_cpus=0.5)
+    def make_on_ray() -> dict:
+        import ray.data
+
+        ds = ray.data.range(1000, override_num_blocks=4).map_batches(_squares)
+        return {"ds": ds, "pid": os.getpid()}  # not materialized: the provider must run it
+
+    @task
+    def kill_producer(pid: int) -> None:
+        """The Ray worker that ran the dataset owned its blocks; without the owner they die here."""
+        import signal
+        import time
+
+        os.kill(pid, signal.SIGKILL)
+        while os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.1)
+
+    @task
+    def make_in_airflow():
+        import ray.data
+
+        from airflow_ray.hooks import RayHook
+
+        RayHook().connect()  # a plain task that uses Ray is a driver of the same cluster
+        return ray.data.range(500, override_num_blocks=2).map_batches(_squares).materialize()
+
+    @ray_task(num_cpus=0.5)
+    def check_on_ray(from_ray, from_airflow) -> dict:
+        return {"from_ray": _summary(from_ray), "from_airflow": _summary(from_airflow)}
+
+    @task
+    def check_in_airflow(from_ray, from_airflow) -> dict:
+        return {"from_ray": _summary(from_ray), "from_airflow": _summary(from_airflow)}
+
+    made = make_on_ray()
+    plain = make_in_airflow()
+    killed = kill_producer(made["pid"])
+    for check in (check_on_ray(made["ds"], plain), check_in_airflow(made["ds"], plain)):
+        killed >> check
+
+
 types_dag = types()
+datasets_dag = datasets()
 zero_copy_dag = zero_copy()
 isolation_dag = isolation()
