@@ -226,6 +226,9 @@ def _start() -> LocalCluster:
         cmd.append(f"--object-store-memory={store}")
     log_path = directory / "ray-start.log"
     env = {**os.environ, **LOCAL_ENV}
+    # Ray Job entrypoints ("python train.py") run through the shell with this PATH: make
+    # "python" the interpreter that runs Ray, also when its virtualenv is not activated.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     for var in ("RAY_ADDRESS", "RAY_URL", "RAY_AUTH_TOKEN"):
         env.pop(var, None)  # the embedded cluster always uses the local token file
     for attempt in range(1, _START_ATTEMPTS + 1):
