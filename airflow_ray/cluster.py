@@ -217,6 +217,9 @@ def _start() -> LocalCluster:
         "--disable-usage-stats",
         f"--include-dashboard={str(dashboard).lower()}",
         f"--dashboard-host={LOOPBACK}",
+        # The agent's HTTP port (the Jobs API submits through it) defaults to a fixed 52365:
+        # a second cluster on the machine would fail to bind it and could never run a job.
+        f"--dashboard-agent-listen-port={_free_port()}",
     ]
     if dashboard_port:
         cmd.append(f"--dashboard-port={dashboard_port}")
