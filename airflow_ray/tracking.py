@@ -1,0 +1,422 @@
+"""MLflow tracking for Ray tasks: runs that know which Airflow task instance made them.
+
+Put an :class:`MlflowTracking` among a task's arguments. Airflow resolves it in the task process
+while it renders the task's templates: it finds the tracking server (the ``mlflow_default``
+connection, else ``MLFLOW_TRACKING_URI``), creates the MLflow run tagged with the task
+instance's identity, pushes the run id to XCom (key ``mlflow_run_id``) and hands the function a
+:class:`TrackedRun`: a small frozen value with the URI, the run id and the tags, nothing else.
+The function, wherever Ray runs it, logs into exactly that run:
+
+.. code-block:: python
+
+    import mlflow
+    from airflow_ray import ray_task
+    from airflow_ray.tracking import MlflowTracking, TrackedRun
+
+
+    @ray_task(num_cpus=1)
+    def train(df, tracking: TrackedRun) -> str:
+        with tracking.start():  # the run Airflow created for this try
+            mlflow.log_params({"max_depth": 6})
+            booster = ...
+            mlflow.log_metric("valid-auc", 0.83, step=10)
+            mlflow.xgboost.log_model(booster, name="model")
+        return tracking.model_uri("model")
+
+
+    train(df, tracking=MlflowTracking(experiment="higgs"))
+
+Nothing depends on the Ray worker's working directory, environment or node: a worker on another
+machine gets everything it needs in the :class:`TrackedRun` (which is why a file-based
+``./mlruns`` URI is refused, and a ``sqlite:`` one only works on one machine).
+
+Tags on every run (and on Tune trial runs): ``airflow.dag_id``, ``airflow.run_id``,
+``airflow.task_id``, ``airflow.try_number``, ``airflow.map_index``. A retry is a new run with the
+new try number, so a failed try stays visible in MLflow. A try that dies before its function
+starts leaves its run ``SCHEDULED``, which is what happened.
+
+Ray Tune: ``tracking.tune_callback()`` logs each trial as a run *nested* under the task's run
+(MLflow nests by the ``mlflow.parentRunId`` tag), with the trial's config as params and every
+report as metrics. Registry: :func:`register_if_better`.
+
+This module runs on Ray workers too, which may not have airflow-ray installed: it is shipped by
+value, and imports only the standard library at module level (MLflow and Airflow lazily).
+
+Stability: beta.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    import mlflow
+    from airflow.sdk import Connection, Context
+    from mlflow import MlflowClient
+    from ray.tune import Callback
+
+#: The Airflow connection :class:`MlflowTracking` reads by default (any type with host/port: http).
+DEFAULT_CONN_ID = "mlflow_default"
+#: XCom key of the MLflow run id of a tracked task.
+XCOM_KEY = "mlflow_run_id"
+TAG_PREFIX = "airflow."
+PARENT_RUN_TAG = "mlflow.parentRunId"  # how MLflow itself marks a nested run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MlflowTracking:
+    """Declares that a task logs to MLflow; Airflow turns it into a :class:`TrackedRun`.
+
+    :param experiment: MLflow experiment name, created on first use.
+    :param conn_id: Airflow connection of the tracking server: ``host`` (a URL, or a host name
+        with ``schema`` as scheme, default ``http``), ``port``, and optionally ``login`` /
+        ``password`` (MLflow basic auth). Missing connection: ``MLFLOW_TRACKING_URI``.
+    :param run_name: MLflow run name; default ``<task_id>`` (``<task_id>[<map_index>]`` if mapped).
+    :param tags: extra tags for the run.
+    :param artifact_location: artifact root of the experiment when this creates it (e.g. for a
+        ``sqlite:`` tracking URI, whose default would be ``./mlruns`` of whichever process
+        creates it); a server decides this itself.
+    """
+
+    experiment: str
+    conn_id: str = DEFAULT_CONN_ID
+    run_name: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    artifact_location: str | None = None
+
+    def resolve(self, context: Context) -> TrackedRun:
+        """Called by Airflow's template rendering, in the task process, once per try."""
+        from mlflow import MlflowClient
+        from mlflow.entities import RunStatus
+
+        ti = context["ti"]
+        server = tracking_server(self.conn_id)
+        identity = airflow_tags(ti.dag_id, ti.run_id, ti.task_id, ti.try_number, ti.map_index)
+        _ship_by_value()  # before Airflow pickles the function that receives the TrackedRun
+        with _environment(server.credentials):
+            client = MlflowClient(server.uri)
+            experiment_id = _experiment_id(client, self.experiment, self.artifact_location)
+            default_name = ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"
+            run = client.create_run(
+                experiment_id,
+                run_name=self.run_name or default_name,
+                tags={**identity, **self.tags},
+            )
+            client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.SCHEDULED))
+        ti.xcom_push(key=XCOM_KEY, value=run.info.run_id)
+        log.info("MLflow run %s in experiment '%s' at %s", run.info.run_id, self.experiment, server.uri)
+        return TrackedRun(
+            tracking_uri=server.uri,
+            experiment=self.experiment,
+            experiment_id=experiment_id,
+            run_id=run.info.run_id,
+            tags=identity,
+            credentials=server.credentials,
+        )
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """One MLflow run of one Airflow task try: everything a Ray worker needs to log into it."""
+
+    tracking_uri: str
+    experiment: str
+    experiment_id: str
+    run_id: str
+    tags: Mapping[str, str]
+    credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @contextlib.contextmanager
+    def start(self) -> Iterator[mlflow.ActiveRun]:
+        """Make this the active MLflow run of this process (``mlflow.log_*`` go to it).
+
+        Ends it ``FINISHED``, or ``FAILED`` if the block raises.
+        """
+        import mlflow
+
+        self.use()
+        with mlflow.start_run(run_id=self.run_id) as run:
+            yield run
+
+    def use(self) -> None:
+        """Point this process's MLflow at the run's server (URI and credentials).
+
+        MLflow keeps both process-wide (credentials in the environment only): fine in a Ray
+        worker, which runs one task at a time.
+        """
+        import mlflow
+
+        os.environ.update(self.credentials)
+        mlflow.set_tracking_uri(self.tracking_uri)
+
+    def client(self) -> MlflowClient:
+        """An ``MlflowClient`` of this run's server (for logging without an active run)."""
+        from mlflow import MlflowClient
+
+        self.use()
+        return MlflowClient(self.tracking_uri)
+
+    def model_uri(self, artifact_path: str = "model") -> str:
+        """``runs:/<run_id>/<artifact_path>``: a model logged in this run, for the registry."""
+        return f"runs:/{self.run_id}/{artifact_path}"
+
+    def tune_callback(self, save_artifact: bool = False) -> Callback:
+        """A Ray Tune callback logging every trial as a run nested under this one.
+
+        Each trial run gets this run's Airflow tags, the trial's config as params and every
+        ``tune.report`` as metrics (step: the report's ``training_iteration``).
+        """
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        self.use()
+        return MLflowLoggerCallback(
+            tracking_uri=self.tracking_uri,
+            experiment_name=self.experiment,
+            tags={**self.tags, PARENT_RUN_TAG: self.run_id},
+            save_artifact=save_artifact,
+        )
+
+
+@dataclass(frozen=True)
+class TrackingServer:
+    """Where MLflow is, resolved in the Airflow process from a connection or the environment."""
+
+    uri: str
+    source: str
+    credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What :func:`register_if_better` decided, JSON-able for XCom."""
+
+    promoted: bool
+    model_name: str
+    alias: str
+    metric: str
+    candidate_score: float
+    champion_score: float | None
+    champion_version: str | None
+    version: str | None  # the registered version: new if promoted, else the champion's
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tracking_server(conn_id: str = DEFAULT_CONN_ID) -> TrackingServer:
+    """The tracking server: the connection ``conn_id`` if it exists, else ``MLFLOW_TRACKING_URI``.
+
+    Refuses a URI that only means something on this machine's working directory (a relative
+    path, MLflow's ``./mlruns`` default), since Ray workers run elsewhere.
+    """
+    conn = _connection(conn_id)
+    if conn is not None and (conn.host or "").strip():
+        server = TrackingServer(
+            uri=_uri_from_connection(conn),
+            source=f"Airflow connection '{conn_id}'",
+            credentials=_credentials(conn.login, conn.password),
+        )
+    elif uri := os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+        server = TrackingServer(uri=uri, source="environment variable MLFLOW_TRACKING_URI")
+    else:
+        raise ValueError(
+            f"No MLflow tracking server: create the Airflow connection '{conn_id}' (host "
+            "http://mlflow.example.com, port 5000) or set MLFLOW_TRACKING_URI for the Airflow worker."
+        )
+    scheme = urlsplit(server.uri).scheme
+    if not scheme or (scheme == "file" and not urlsplit(server.uri).path.startswith("/")):
+        raise ValueError(
+            f"MLflow tracking URI {server.uri!r} (from {server.source}) is a relative path: Ray "
+            "workers on other nodes cannot reach it. Use a tracking server (http://...)."
+        )
+    return server
+
+
+def airflow_tags(dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int) -> dict[str, str]:
+    """The MLflow tags naming an Airflow task instance try (search runs by them)."""
+    values = {
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "task_id": task_id,
+        "try_number": try_number,
+        "map_index": map_index,
+    }
+    return {f"{TAG_PREFIX}{name}": str(value) for name, value in values.items()}
+
+
+def register_if_better(
+    tracking: TrackedRun,
+    *,
+    model_name: str,
+    candidate_uri: str,
+    score: Callable[[str], float],
+    metric: str,
+    greater_is_better: bool = True,
+    alias: str = "champion",
+) -> Promotion:
+    """Register ``candidate_uri`` as a new version of ``model_name`` and move ``alias`` to it,
+    only if it scores better than the version the alias points to now.
+
+    Both models are scored *now*, by the same ``score(model_uri)`` (e.g. AUC on this run's
+    held-out rows): a score the champion got on other data last month is no comparison. The
+    scores and the decision are logged to ``tracking``'s run either way (metrics
+    ``candidate_<metric>`` / ``champion_<metric>``, tag ``promotion``). Without a champion the
+    candidate is promoted. Runs on the Airflow worker or a Ray worker alike.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = tracking.client()
+    try:
+        champion = client.get_model_version_by_alias(model_name, alias)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(exc).lower():
+            raise
+        champion = None
+    candidate_score = float(score(candidate_uri))
+    champion_score = float(score(f"models:/{model_name}/{champion.version}")) if champion else None
+    if math.isnan(candidate_score):
+        raise ValueError(f"The candidate {candidate_uri} scored NaN on {metric}")
+    better = champion_score is None or (
+        candidate_score > champion_score if greater_is_better else candidate_score < champion_score
+    )
+    version = champion.version if champion else None
+    if better:
+        version = _register(model_name, candidate_uri, tracking)
+        client.set_registered_model_alias(model_name, alias, version)
+    decision = Promotion(
+        promoted=better,
+        model_name=model_name,
+        alias=alias,
+        metric=metric,
+        candidate_score=candidate_score,
+        champion_score=champion_score,
+        champion_version=champion.version if champion else None,
+        version=version,
+    )
+    metrics = {f"candidate_{metric}": candidate_score}
+    if champion_score is not None:
+        metrics[f"champion_{metric}"] = champion_score
+    for key, value in metrics.items():
+        client.log_metric(tracking.run_id, key, value)
+    verdict = (
+        f"promoted {candidate_uri} to {model_name}@{alias} (version {version})"
+        if better
+        else f"kept {model_name}@{alias} (version {version})"
+    )
+    summary = f"{verdict}: candidate {metric}={candidate_score:.6g}, champion {metric}={champion_score}"
+    client.set_tag(tracking.run_id, "promotion", summary)
+    log.info("%s", summary)
+    return decision
+
+
+def xgboost_callback(every: int = 1) -> Any:
+    """An ``xgboost.train`` callback logging the eval metrics to the active run every ``every`` rounds.
+
+    Metric names are xgboost's ``<eval name>-<metric>`` (``valid-auc``), the step is the round.
+    """
+    import mlflow
+    import xgboost
+
+    class LogEvalMetrics(xgboost.callback.TrainingCallback):
+        def after_iteration(self, model: xgboost.Booster, epoch: int, evals_log: dict) -> bool:
+            if (epoch + 1) % every == 0:
+                metrics = {
+                    f"{data}-{metric}": float(values[-1])
+                    for data, by_metric in evals_log.items()
+                    for metric, values in by_metric.items()
+                }
+                mlflow.log_metrics(metrics, step=epoch + 1)
+            return False
+
+    return LogEvalMetrics()
+
+
+# --- private helpers -----------------------------------------------------------------------
+
+
+def _register(name: str, source: str, tracking: TrackedRun) -> str:
+    """A new version of ``name`` from ``source`` (``runs:/``, ``models:/``), once it is READY.
+
+    ``mlflow.register_model`` rather than the client: it resolves a ``runs:/`` URI to the
+    logged model (MLflow 3 keeps models apart from run artifacts) and waits for READY.
+    """
+    import mlflow
+
+    tracking.use()
+    return str(mlflow.register_model(source, name, tags=dict(tracking.tags)).version)
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # another task created it in the meantime
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _connection(conn_id: str) -> Connection | None:
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return None
+
+
+def _uri_from_connection(conn: Connection) -> str:
+    host = conn.host.strip().rstrip("/")
+    if "://" not in host:
+        host = f"{conn.schema or 'http'}://{host}"
+    parts = urlsplit(host)
+    if conn.port and parts.port is None and parts.scheme in ("http", "https"):
+        host = parts._replace(netloc=f"{parts.netloc}:{conn.port}").geturl()
+    return host
+
+
+def _credentials(login: str | None, password: str | None) -> dict[str, str]:
+    """MLflow's own variables for basic auth (or a bearer token when only a password is set)."""
+    if login and password:
+        return {"MLFLOW_TRACKING_USERNAME": login, "MLFLOW_TRACKING_PASSWORD": password}
+    if password:
+        return {"MLFLOW_TRACKING_TOKEN": password}
+    return {}
+
+
+@contextlib.contextmanager
+def _environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """MLflow reads credentials from the environment only: set them around a block."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _ship_by_value() -> None:
+    """Ray workers may lack airflow-ray: send this module's code with the functions using it."""
+    import ray.cloudpickle as cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
