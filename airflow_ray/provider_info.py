@@ -24,7 +24,11 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {
                 "integration-name": "Ray",
-                "python-modules": ["airflow_ray.operators.python", "airflow_ray.operators.job"],
+                "python-modules": [
+                    "airflow_ray.operators.python",
+                    "airflow_ray.operators.job",
+                    "airflow_ray.operators.serve",
+                ],
             }
         ],
         "hooks": [{"integration-name": "Ray", "python-modules": ["airflow_ray.hooks", "airflow_ray.jobs"]}],
