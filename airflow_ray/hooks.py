@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 _PROBE_TIMEOUT_S = 5.0
 _connect_lock = threading.Lock()
 _connected: RayTarget | None = None
+#: What ``_connected`` was resolved from: (connection id, RAY_URL, RAY_ADDRESS).
+_connected_for: tuple[str, str | None, str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -140,9 +142,14 @@ class RayHook(BaseHook):
         """Make this process a driver of the target cluster (idempotent, thread-safe).
 
         Reuses an existing connection to the same address; a connection this hook did not make
-        (the user called ``ray.init`` themselves) is reused as is.
+        (the user called ``ray.init`` themselves) is reused as is. A process resolves a
+        connection id once while it stays connected: looking the connection up again costs
+        7-40 ms through the Task SDK, paid on every XCom read of a plain task.
         """
-        global _connected
+        global _connected, _connected_for
+        resolved_from = (self.ray_conn_id, os.environ.get("RAY_URL"), os.environ.get("RAY_ADDRESS"))
+        if _connected is not None and _connected_for == resolved_from and _ray_initialized():
+            return _connected
         target = self.target
         apply_env(target.env)  # before Ray is imported, if it is not yet
         import ray
@@ -174,7 +181,7 @@ class RayHook(BaseHook):
                 url = context.dashboard_url
                 target = _replace(target, dashboard_url=url if "://" in url else f"http://{url}")
                 self.__dict__["target"] = target
-            _connected = target
+            _connected, _connected_for = target, resolved_from
             self.log.info("Connected to Ray at %s", target.describe())
             return target
 
@@ -261,6 +268,11 @@ class RayHook(BaseHook):
             return self.get_connection(self.ray_conn_id)
         except AirflowNotFoundException:
             return None
+
+
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def apply_env(env: dict[str, str]) -> None:
