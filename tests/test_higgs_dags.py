@@ -112,6 +112,38 @@ def test_tune_dag_trials_get_their_configs_and_best_model_is_loaded(airflow_env)
     assert Path(plot.removeprefix("file://")).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_mlflow_dag_tunes_registers_deploys_and_plots(airflow_env, mlflow_server):
+    """The MLflow example end to end: nested Tune runs, a champion, a smoke-tested Serve app, a PNG."""
+    from mlflow import MlflowClient
+
+    from tests.s3_server import _free_port
+
+    env = {**airflow_env, "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    conf = {"n_rows": 5_000, "num_samples": 2, "max_rounds": 6, "report_every": 2, "serve_port": _free_port()}
+    xcom = _run_dag(env, "higgs_mlflow", conf, "tune", "register", "deploy", "compare_roc")
+
+    tuned, decision, deployed = xcom["tune"], xcom["register"], xcom["deploy"]
+    client = MlflowClient(mlflow_server.uri)
+    assert decision["promoted"] and decision["candidate_score"] > 0.6  # the first model: no champion yet
+    champion = client.get_model_version_by_alias("higgs", "champion")
+    assert champion.version == decision["version"]
+    assert deployed["model_uri"] == f"models:/higgs/{champion.version}"
+    assert len(deployed["predictions"]) == 5 and all(0 < p < 1 for p in deployed["predictions"])
+
+    tune_run = client.get_run(
+        client.get_logged_model(tuned["model_uri"].removeprefix("models:/")).source_run_id
+    )
+    assert tune_run.data.tags["airflow.dag_id"] == "higgs_mlflow"
+    trials = client.search_runs(
+        [tune_run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{tune_run.info.run_id}'"
+    )
+    assert len(trials) == tuned["trials"] == 2
+
+    run_id, path = xcom["compare_roc"].removeprefix("runs:/").split("/", 1)
+    png = Path(client.download_artifacts(run_id, path))
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_example_ray_basics_mixes_plain_ray_and_mapped_tasks(airflow_env):
     """The README's first example DAG, on the embedded Ray: plain -> mapped Ray -> Ray -> plain."""
     xcom = _run_dag(airflow_env, "example_ray_basics", {}, "summarize")

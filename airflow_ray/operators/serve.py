@@ -83,6 +83,7 @@ class RayServeDeployOperator(BaseOperator):
         "model_uri",
         "smoke_request",
         "expected_predictions",
+        "http_port",
         "serve_url",
     )
 

@@ -164,6 +164,20 @@ def make_synthetic_higgs(n_rows: int = DEFAULT_ROWS, seed: int = 0) -> pd.DataFr
     return pd.DataFrame(columns)[HIGGS_COLUMNS].astype(HIGGS_DTYPES)
 
 
+def train_test(
+    source: str | None = None, n_rows: int = DEFAULT_ROWS, seed: int = 0, test_fraction: float = 0.2
+) -> dict[str, pd.DataFrame]:
+    """HIGGS rows (the file at ``source``, else synthetic) split into ``train`` and held-out ``test``.
+
+    Shuffled, seeded and stratified on the label: a rerun (or a retried task) sees the same split.
+    """
+    from sklearn.model_selection import train_test_split
+
+    df = load_higgs(source, n_rows=n_rows) if source else make_synthetic_higgs(n_rows, seed=seed)
+    train_df, test_df = train_test_split(df, test_size=test_fraction, random_state=seed, stratify=df[LABEL])
+    return {"train": train_df.reset_index(drop=True), "test": test_df.reset_index(drop=True)}
+
+
 def _resolve(path_or_uri: str, storage_options: dict[str, Any]) -> tuple[str, pyarrow.fs.FileSystem | None]:
     """Map a path or fsspec URI to what Ray Data reads: ``(path, pyarrow filesystem or None)``.
 

@@ -24,19 +24,10 @@ from typing import Any
 import pandas as pd
 import pendulum
 from airflow.sdk import Param, dag, task
-from higgs_data import DEFAULT_ROWS, FEATURES, LABEL, load_higgs, make_synthetic_higgs
-from higgs_training import (
-    TUNED_PARAMS,
-    booster_params,
-    checkpoint_uri,
-    load_booster,
-    storage_uri,
-    tune_report,
-)
+from higgs_data import DEFAULT_ROWS, FEATURES, LABEL, train_test
+from higgs_training import METRIC, booster_params, load_booster, tune_search
 
 from airflow_ray import ray_task
-
-METRIC = "valid-logloss"
 
 
 # [START higgs_tune_tasks]
@@ -45,11 +36,7 @@ def prepare_data(
     source: str | None = None, n_rows: int = DEFAULT_ROWS, seed: int = 0, test_fraction: float = 0.2
 ) -> dict[str, pd.DataFrame]:
     """Load HIGGS (the file at ``source``, else synthetic) and split off the held-out test rows."""
-    from sklearn.model_selection import train_test_split
-
-    df = load_higgs(source, n_rows=n_rows) if source else make_synthetic_higgs(n_rows, seed=seed)
-    train_df, test_df = train_test_split(df, test_size=test_fraction, random_state=seed, stratify=df[LABEL])
-    return {"train": train_df.reset_index(drop=True), "test": test_df.reset_index(drop=True)}
+    return train_test(source, n_rows=n_rows, seed=seed, test_fraction=test_fraction)
 
 
 # This task only drives Tune: the trials (1 CPU each) need the CPUs, so it asks for none.
@@ -64,94 +51,16 @@ def tune_xgboost(
 ) -> dict[str, Any]:
     """Search max_depth, min_child_weight, subsample and eta with ASHA; return the best trial.
 
-    Trials are plain ``xgboost.train`` on 1 CPU each (what Tune + ASHA wants: many small
-    independent runs), validated on a slice of the training rows (the test rows stay unseen),
-    reporting every ``report_every`` rounds so that ASHA can stop the weak ones early.
+    The search itself is :func:`higgs_training.tune_search` (shared with ``higgs_mlflow.py``).
     """
-    import time
-    import uuid
-
-    import xgboost
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
-    from sklearn.model_selection import train_test_split
-
-    fit_df, valid_df = train_test_split(train_df, test_size=0.2, random_state=seed, stratify=train_df[LABEL])
-
-    def trial(config: dict[str, Any], fit_df: pd.DataFrame, valid_df: pd.DataFrame) -> None:
-        # The sampled config goes into the booster's params: that is the whole point of a trial.
-        params = {
-            "objective": "binary:logistic",
-            "eval_metric": ["logloss", "error"],
-            "tree_method": "hist",
-            "nthread": 1,
-            **config,
-        }
-        xgboost.train(
-            params,
-            xgboost.DMatrix(fit_df[FEATURES], label=fit_df[LABEL]),
-            num_boost_round=max_rounds,
-            evals=[(xgboost.DMatrix(valid_df[FEATURES], label=valid_df[LABEL]), "valid")],
-            verbose_eval=False,
-            callbacks=[tune_report(every=report_every)],
-        )
-
-    search_space = {
-        "max_depth": tune.randint(2, 10),
-        "min_child_weight": tune.loguniform(1, 100),
-        "subsample": tune.uniform(0.5, 1.0),
-        "eta": tune.loguniform(0.01, 0.5),
-    }
-    run_name = f"higgs_tune_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}"
-    storage = storage_path or storage_uri("higgs_tune")
-    tuner = tune.Tuner(
-        # with_parameters puts the frames in the object store once, not into every trial's config.
-        tune.with_resources(tune.with_parameters(trial, fit_df=fit_df, valid_df=valid_df), {"cpu": 1}),
-        param_space=search_space,
-        tune_config=tune.TuneConfig(
-            metric=METRIC,
-            mode="min",
-            num_samples=num_samples,
-            search_alg=BasicVariantGenerator(random_state=seed),
-            # Rungs in boosting rounds: a trial must be among the best third at 2, 6, 18... reports.
-            scheduler=ASHAScheduler(
-                time_attr="rounds", max_t=max_rounds, grace_period=2 * report_every, reduction_factor=3
-            ),
-        ),
-        run_config=tune.RunConfig(
-            name=run_name,
-            storage_path=storage,
-            verbose=1,  # one status line per update, not a table per trial
-            # Keep every checkpoint (small files): the best one may not be a trial's last.
-            checkpoint_config=tune.CheckpointConfig(
-                checkpoint_score_attribute=METRIC, checkpoint_score_order="min"
-            ),
-        ),
+    return tune_search(
+        train_df,
+        num_samples=num_samples,
+        max_rounds=max_rounds,
+        report_every=report_every,
+        seed=seed,
+        storage_path=storage_path,
     )
-    results = tuner.fit()
-    if results.errors:
-        raise RuntimeError(f"{len(results.errors)} of {len(results)} Tune trials failed: {results.errors[0]}")
-
-    best = results.get_best_result(scope="all")  # the best report of any trial, not just its last
-    best_checkpoint, best_metrics = min(best.best_checkpoints, key=lambda pair: pair[1][METRIC])
-    trials = [
-        {
-            "config": result.config,
-            "trained_with": {name: result.metrics[f"booster_{name}"] for name in TUNED_PARAMS},
-            "rounds": result.metrics["rounds"],
-            METRIC: result.metrics[METRIC],
-        }
-        for result in results
-    ]
-    print(f"Best of {len(trials)} trials: {METRIC} {best_metrics[METRIC]:.4f} with {best.config}")
-    return {
-        "best_config": best.config,
-        "best_metrics": {name: best_metrics[name] for name in (METRIC, "valid-error", "rounds")},
-        "best_checkpoint": checkpoint_uri(best_checkpoint),
-        "experiment_uri": f"{storage}/{run_name}",
-        "trials": trials,
-    }
 
 
 @ray_task(num_cpus=1)
