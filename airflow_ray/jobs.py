@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 _HTTP_TIMEOUT_S = 30.0
 _TAIL_GRACE_S = 10.0
+_AGENT_WAIT_S = 60.0
 
 
 class RayJobHook(RayHook):
@@ -82,8 +84,21 @@ class RayJobHook(RayHook):
     # -- blocking (the Airflow worker) ---------------------------------------------------------
 
     def submit_job(self, *, entrypoint: str, submission_id: str, **kwargs: Any) -> str:
-        """Submit a job (uploading a local ``working_dir``); returns its submission id."""
-        return self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id, **kwargs)
+        """Submit a job (uploading a local ``working_dir``); returns its submission id.
+
+        A head whose dashboard agent has not registered yet (the first seconds after
+        ``ray start``) answers "No available agent to submit job": nothing was submitted, so
+        we retry for up to ``_AGENT_WAIT_S`` instead of failing the task.
+        """
+        deadline = time.monotonic() + _AGENT_WAIT_S
+        while True:
+            try:
+                return self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id, **kwargs)
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                self.log.info("The Ray head has no job agent yet; retrying the submission")
+                time.sleep(1.0)
 
     def get_job_status(self, submission_id: str) -> str | None:
         """The job's status (``PENDING``, ``RUNNING``, ``SUCCEEDED``...), or None if it does not exist."""
