@@ -12,7 +12,7 @@ job is submitted, so the button works while the job runs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from airflow.sdk import BaseOperatorLink
 
@@ -35,6 +35,17 @@ def job_url(dashboard_url: str | None, submission_id: str) -> str | None:
     return f"{dashboard_url.rstrip('/')}/#/jobs/{submission_id}" if dashboard_url else None
 
 
-def actor_url(dashboard_url: str | None, actor: Any) -> str | None:
-    """The dashboard page of an actor (given its handle)."""
-    return f"{dashboard_url.rstrip('/')}/#/actors/{actor._actor_id.hex()}" if dashboard_url else None
+def owner_url(dashboard_url: str | None, owner_name: str) -> str | None:
+    """The dashboard page of a DAG run's owner actor; None without a dashboard or an owner.
+
+    A missing owner (the task failed before it reached Ray) only means no button.
+    """
+    if not dashboard_url:
+        return None
+    from airflow_ray.store import get_owner
+
+    try:
+        actor = get_owner(owner_name)
+    except ValueError:  # ray.get_actor: no such actor
+        return None
+    return f"{dashboard_url.rstrip('/')}/#/actors/{actor._actor_id.hex()}"

@@ -22,6 +22,7 @@ from airflow.providers.standard.operators.python import PythonOperator
 
 from airflow_ray import config
 from airflow_ray.hooks import RayHook
+from airflow_ray.links import RayDashboardLink, owner_url
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -66,6 +67,8 @@ class RayPythonOperator(PythonOperator):
 
     template_fields: Sequence[str] = (*PythonOperator.template_fields, "ray_conn_id", "checkpoint_path")
     _airflow_ray_consumer = True  # the XCom backend hands this operator handles, not values
+    operator_extra_links = (RayDashboardLink(),)
+    ray_dashboard_link: str | None = None  # the run's owner actor in the Ray dashboard
 
     def __init__(
         self,
@@ -160,6 +163,7 @@ class RayPythonOperator(PythonOperator):
             outputs = tasks.run(request, self.log)
         finally:
             self._running = None
+            self.ray_dashboard_link = owner_url(target.dashboard_url, name)
         references = {
             out["key"]: ObjectReference(
                 owner=name,
