@@ -76,9 +76,11 @@ def _wait_until_healthy(uri: str, process: subprocess.Popen, log: Path, timeout:
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"mlflow server exited with {process.returncode}: {log.read_text()[-3000:]}")
-        with contextlib.suppress(urllib.error.URLError, ConnectionError):
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
+        with (
+            contextlib.suppress(urllib.error.URLError, ConnectionError),
+            urllib.request.urlopen(f"{uri}/health", timeout=2) as response,
+        ):
+            if response.status == 200:
+                return
         time.sleep(0.3)
     raise TimeoutError(f"mlflow server at {uri} not healthy after {timeout} s: {log.read_text()[-3000:]}")
