@@ -73,6 +73,22 @@ def mlflow_server():
         yield server
 
 
+@pytest.fixture(scope="session")
+def airflow_services(ray_cluster, tmp_path_factory):
+    """A real Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor, SQLite) with
+    the cross-process test DAG and the example DAGs, shared by the end-to-end tests."""
+    from tests.services import airflow_services as start
+
+    examples = TESTS.parent / "examples" / "dags"
+    dag_files = [TESTS / "dags" / "cross_process.py", *(examples / f"{name}.py" for name in EXAMPLE_DAGS)]
+    with start(tmp_path_factory.mktemp("airflow-services"), dag_files) as services:
+        yield services
+
+
+#: The example DAGs the end-to-end tests (and the browser test) run under the real services.
+EXAMPLE_DAGS = ("example_ray_basics", "example_ray_job")
+
+
 @pytest.fixture
 def run_dag(ray_cluster):
     """Run a DAG with ``dag.test()`` against the session's Ray head; returns a RunResult."""

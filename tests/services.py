@@ -1,0 +1,168 @@
+"""A real Airflow on loopback for end-to-end tests: api-server, scheduler, dag-processor, triggerer.
+
+``dag.test()`` runs every task in the test process; these services run each task instance in its
+own process under the ``LocalExecutor`` (SQLite), and deferred tasks in a real triggerer, as a
+deployment does. One stack per test session (see the ``airflow_services`` fixture in conftest):
+starting it costs ~30-60 s on a small machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TESTS
+
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+@dataclass
+class AirflowServices:
+    env: dict[str, str]
+    home: Path
+    url: str
+
+    @property
+    def db(self) -> Path:
+        return self.home / "airflow.db"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "service-logs"
+
+    def api_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=5) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def scalar(self, sql: str, *params: Any) -> Any:
+        with sqlite3.connect(self.db, timeout=30) as conn:
+            row = conn.execute(sql, params).fetchone()
+        return row[0] if row else None
+
+    def airflow(self, *args: str) -> str:
+        """Run the ``airflow`` CLI against this deployment."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "airflow", *args], env=self.env, check=True, capture_output=True, text=True
+        )
+        return proc.stdout
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 240) -> None:
+        wait(
+            lambda: self.scalar("select count(*) from dag where dag_id=?", dag_id),
+            f"{dag_id} parsed",
+            timeout,
+        )
+
+    def trigger(self, dag_id: str, run_id: str) -> None:
+        self.wait_for_dag(dag_id)
+        self.airflow("dags", "trigger", dag_id, "--run-id", run_id)
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 420) -> None:
+        """Wait until the run ends; fail with its task states and the scheduler's log unless it succeeded."""
+        sql = "select state from dag_run where dag_id=? and run_id=?"
+        wait(lambda: self.scalar(sql, dag_id, run_id) in ("success", "failed"), f"run {run_id}", timeout)
+        if (state := self.scalar(sql, dag_id, run_id)) != "success":
+            with sqlite3.connect(self.db) as conn:
+                tis = conn.execute(
+                    "select task_id, map_index, state from task_instance where dag_id=? and run_id=?",
+                    (dag_id, run_id),
+                ).fetchall()
+            scheduler_log = (self.logs / "scheduler.log").read_text()[-3000:]
+            pytest.fail(f"run {run_id} of {dag_id} ended {state}: {tis}\n{scheduler_log}")
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1):
+        value = self.scalar(
+            "select value from xcom where dag_id=? and run_id=? and task_id=? and key=? and map_index=?",
+            dag_id,
+            run_id,
+            task_id,
+            key,
+            map_index,
+        )
+        return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+@contextmanager
+def airflow_services(
+    home: Path, dag_files: list[Path], components: tuple[str, ...] = COMPONENTS
+) -> Iterator[AirflowServices]:
+    """Start the services with ``dag_files`` (linked, so their own paths still resolve) as the DAGs."""
+    dags = home / "dags"
+    dags.mkdir(parents=True)
+    for path in dag_files:
+        (dags / path.name).symlink_to(path)
+    port = free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "8",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",  # the browser test needs no login
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "local-services-test-secret",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+        "PYTHONPATH": str(TESTS.parent),
+    }
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True
+    )
+    services = AirflowServices(env=env, home=home, url=f"http://127.0.0.1:{port}")
+    services.logs.mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "airflow", name, *(["--port", str(port)] if name == "api-server" else [])],
+            env=env,
+            stdout=open(services.logs / f"{name}.log", "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for name in components
+    ]
+    try:
+        wait(services.api_ready, "the api-server", 180)
+        yield services
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(predicate: Callable[[], Any], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(1)
