@@ -33,6 +33,14 @@ _log = logging.getLogger(__name__)
 _POLL_INTERVAL_S = 0.2
 _FEASIBILITY_INTERVAL_S = 2.0
 _CANCEL_GRACE_S = 10.0
+_LOST_KINDS = (
+    "ObjectLostError",
+    "OwnerDiedError",
+    "ObjectReconstructionFailedError",
+    "ObjectReconstructionFailedMaxAttemptsExceededError",
+    "ObjectReconstructionFailedLineageEvictedError",
+    "ReferenceCountingAssertionError",
+)
 _SERIALIZATION_HINTS = ("Could not serialize", "cannot pickle", "Can't pickle")
 
 
@@ -73,16 +81,24 @@ def run(request: TaskRequest, log: logging.Logger) -> list[dict[str, Any]]:
         "split": request.split,
         "datasets": [i for i, h in enumerate(handles) if h.reference.summary.get("dataset")],
     }
-    run_ref = owner.run.remote(request.task_key, fn_blob, call_blob, inputs, request.options, spec)
-    try:
-        _wait(run_ref, owner, request, log)
-    except BaseException:
-        _cancel(run_ref, owner, request, log)
-        raise
-    result = ray.get(run_ref)
-    if not result["ok"]:
-        raise _translate(result["error"], request, handles)
-    return result["outputs"]
+    references = [h.reference for h in handles]
+    for attempt in (1, 2):
+        run_ref = owner.run.remote(request.task_key, fn_blob, call_blob, inputs, request.options, spec)
+        try:
+            _wait(run_ref, owner, request, log)
+        except BaseException:
+            _cancel(run_ref, owner, request, log)
+            raise
+        result = ray.get(run_ref)
+        if result["ok"]:
+            return result["outputs"]
+        lost = _lost_inputs(result["error"], references)
+        if attempt == 2 or not lost or not all(references[i].checkpoint_uri for i in lost):
+            break
+        # Listed by the owner but gone from the cluster (its node died): restore, run again.
+        for i in lost:
+            inputs[i] = restore(references[i], result["error"]["kind"])
+    raise _translate(result["error"], request, references)
 
 
 def pickle_function(fn: Callable[..., Any], label: str) -> bytes:
@@ -274,19 +290,10 @@ def _cancel(run_ref: Any, owner: Any, request: TaskRequest, log: logging.Logger)
         log.exception("Could not cancel the Ray task of %s", request.label)
 
 
-def _translate(error: dict[str, Any], request: TaskRequest, handles: list[ObjectHandle]) -> Exception:
+def _translate(error: dict[str, Any], request: TaskRequest, references: list[ObjectReference]) -> Exception:
     kind, details = error["kind"], error["details"]
-    if kind in (
-        "ObjectLostError",
-        "OwnerDiedError",
-        "ObjectReconstructionFailedError",
-        "ObjectReconstructionFailedMaxAttemptsExceededError",
-        "ObjectReconstructionFailedLineageEvictedError",
-        "ReferenceCountingAssertionError",
-    ):
-        upstream = handles[0].reference if handles else None
-        if upstream is not None:
-            return lost_error(upstream, details.splitlines()[0] if details else kind)
+    if (lost := _lost_inputs(error, references)) is not None:
+        return lost_error(references[lost[0]], details.splitlines()[0] if details else kind)
     if kind in ("TaskCancelledError",):
         return RayTaskError(f"The Ray task of {request.label} was cancelled.")
     if any(hint in details for hint in _SERIALIZATION_HINTS):
@@ -297,6 +304,14 @@ def _translate(error: dict[str, Any], request: TaskRequest, handles: list[Object
         f"{request.label} failed on Ray with {error['type']}: {error['message']}\n"
         f"Remote traceback:\n{details}"
     )
+
+
+def _lost_inputs(error: dict[str, Any], references: list[ObjectReference]) -> list[int] | None:
+    """Which inputs a failure says are lost: those named in it, else all; None if not a loss."""
+    if error["kind"] not in _LOST_KINDS or not references:
+        return None
+    named = [i for i, r in enumerate(references) if r.object_id in error["details"]]
+    return named or list(range(len(references)))
 
 
 def _dumps(obj: Any, what: str) -> bytes:

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 #: The connection the backend uses for plain tasks (which have no ``ray_conn_id`` of their own).
 XCOM_RAY_CONN_ID = "ray_default"
 
+#: ``(task key, (checkpoint_path, checkpoint_source) or None)`` of the task this process runs.
+_checkpoint_request: tuple[tuple[Any, ...], tuple[str | None, str | None] | None] | None = None
+
 #: Values this process pushed per task, by key (see :func:`_pushed_outputs`).
 _recent_pushes: dict[tuple[Any, ...], dict[str, tuple[Any, Any]]] = {}
 
@@ -236,7 +239,55 @@ def _adopt(value: Any, key: str, dag_id: str, run_id: str, task_id: str, map_ind
         summary=summary,
         ray_conn_id=XCOM_RAY_CONN_ID,
     )
+    if _checkpoint_request and _checkpoint_request[0] == (dag_id, run_id, task_id, map_index):
+        settings = _checkpoint_request[1]
+    else:
+        settings = None
+    if settings is not None:
+        from airflow_ray.checkpoint import persist
+
+        path, source = settings
+        reference = persist({key: reference}, checkpoint_path=path, checkpoint_source=source)[key]
     return reference.to_json()
+
+
+def task_starting(ti: Any) -> None:
+    """Called by :mod:`airflow_ray.listener` inside the task's context, before it runs."""
+    global _checkpoint_request
+    task_key = (ti.dag_id, ti.run_id, ti.task_id, ti.map_index)
+    _checkpoint_request = (task_key, _checkpoint_settings())
+
+
+def _checkpoint_settings() -> tuple[str | None, str | None] | None:
+    """``(checkpoint_path, checkpoint_source)`` if the running plain task asks for checkpoints.
+
+    ``@task`` has no ``checkpoint`` argument, so a plain task takes it from ``default_args``
+    of its DAG or of a TaskGroup around it, the way ``@ray_task`` tasks get DAG-wide defaults.
+    Needs the task's context (see :func:`task_starting`).
+    """
+    try:
+        from airflow.sdk import get_current_context
+
+        context = get_current_context()
+    except Exception:
+        return None
+    task = context["task"]
+    if getattr(task, "_airflow_ray_consumer", False):
+        return None  # a Ray task checkpoints its own outputs
+    args = dict(getattr(context["dag"], "default_args", None) or {})
+    groups = []
+    group = getattr(task, "task_group", None)
+    while group is not None:
+        groups.append(group)
+        group = getattr(group, "parent_group", None)
+    for group in reversed(groups):  # the innermost group wins
+        args.update(getattr(group, "default_args", None) or {})
+    if not args.get("checkpoint"):
+        return None
+    path = args.get("checkpoint_path")
+    if path:
+        path = task.render_template(path, context)
+    return path, args.get("checkpoint_source")
 
 
 def _materialize(references: list[ObjectReference]) -> list[Any]:

@@ -1,6 +1,13 @@
-"""Checkpointed outputs survive the loss of their owner (real Airflow, real Ray, file:// store)."""
+"""Checkpointed outputs survive the loss of their owner and of the whole cluster.
+
+Real Airflow (``dag.test``), real Ray, checkpoints on ``file://`` (S3: ``test_checkpoint_s3.py``).
+"""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,27 +23,82 @@ def _kill_owner(result) -> None:
     forget_owners()
 
 
+def _outputs(result) -> tuple:
+    return (
+        result.xcom("produce", key="array"),
+        result.xcom("produce", key="frame"),
+        result.xcom("produce_plain"),
+    )
+
+
 def test_owner_loss_restores_from_checkpoint_then_memory(run_dag, tmp_path, caplog):
     result = run_dag(checkpointed.checkpointed_dag, run_conf={"base": f"file://{tmp_path}"})
     assert result.state == "success", result.states
     expected = result.xcom("consume")
+    assert result.xcom("consume_on_ray") == expected
     ref = result.xcom_raw("produce", key="array")
     assert ref["checkpoint_uri"].startswith(f"file://{tmp_path}/checkpointed/")
     assert ref["checkpoint_uri"].endswith("/produce/-1/array/")
-    assert (tmp_path / "checkpointed").exists()
+    plain = result.xcom_raw("produce_plain")  # a plain @task, checkpointed via default_args
+    assert plain["checkpoint_uri"].endswith("/produce_plain/-1/")
 
     _kill_owner(result)  # every object of the run is gone with it
     with caplog.at_level("WARNING"):
-        array = result.xcom("produce", key="array")
-        frame = result.xcom("produce", key="frame")
-    assert float(array.sum()) + float(frame["a"].sum()) == expected  # identical output
+        outputs = _outputs(result)
+    assert checkpointed.digest(*outputs) == expected  # identical data
     assert "Restored the output of task 'produce'" in caplog.text
+    assert "Restored the output of task 'produce_plain'" in caplog.text
 
     # re-registered with the (new) owner: the next read comes from memory, not storage
     owner = get_owner(owner_name(result.dag_id, result.run_id))
     boxed = ray.get(owner.lookup.remote([(result.dag_id, result.run_id, "produce", -1, "array")]))
     assert boxed[0] is not None
-    np.testing.assert_array_equal(ray.get(boxed[0][0]), array)
+    np.testing.assert_array_equal(ray.get(boxed[0][0]), outputs[0])
+
+
+def test_cluster_loss_then_rerun_of_the_consumers_restores_identical_data(run_dag, tmp_path, monkeypatch):
+    """Stop the Ray cluster, start a fresh one, re-run only the consumers of the same run.
+
+    ``airflow tasks test`` runs one task instance of an existing run through the real task
+    runner, in a new process (``dag.test`` would delete the run and start over).
+    """
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    from airflow_ray import cluster, config
+
+    # A private embedded cluster for this test, so the session's head is not the one stopped.
+    monkeypatch.setenv("AIRFLOW__RAY__LOCAL_CLUSTER_DIR", str(tmp_path / "cluster"))
+    config.clear_caches()
+    ray.shutdown()  # the next task connects anew, to the private cluster
+    try:
+        first = run_dag(checkpointed.checkpointed_dag, run_conf={"base": f"file://{tmp_path}"})
+        assert first.state == "success", first.states
+        expected = first.xcom("consume")
+        assert cluster.stop()  # every object of the run is gone with the cluster
+        cluster.ensure_running()
+
+        for consumer in ("consume", "consume_on_ray"):
+            with create_session() as session:  # the re-run must write its own result
+                session.query(XComModel).filter_by(run_id=first.run_id, task_id=consumer).delete()
+            proc = subprocess.run(
+                [sys.executable, "-m", "airflow", "tasks", "test", "checkpointed", consumer, first.run_id],
+                env=os.environ,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            output = proc.stdout + proc.stderr
+            assert proc.returncode == 0, output[-5000:]
+            # The first re-run restores from the checkpoints and re-registers the objects with
+            # the new cluster's owner; the second reads them from memory again.
+            restored = "Restored the output of task 'produce'" in output
+            assert restored == (consumer == "consume"), output[-5000:]
+            assert first.xcom(consumer) == expected  # identical data, hash for hash
+    finally:
+        cluster.stop()
+        monkeypatch.undo()
+        config.clear_caches()
 
 
 def test_corrupt_checkpoint_is_an_error_naming_the_path(run_dag, tmp_path):

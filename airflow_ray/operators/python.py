@@ -178,8 +178,6 @@ class RayPythonOperator(PythonOperator):
             )
             for out in outputs
         }
-        if self.checkpoint:
-            references = self._write_checkpoints(references)
         import ray
 
         threshold = config.xcom_threshold_bytes()
@@ -188,6 +186,13 @@ class RayPythonOperator(PythonOperator):
         }
         if not _ray_xcom_enabled():
             inline = set(references)  # Airflow's XCom stores the value itself
+        if self.checkpoint and (stored := {k: r for k, r in references.items() if k not in inline}):
+            from airflow_ray.checkpoint import persist  # values kept in the XCom table are durable
+
+            stored = persist(
+                stored, checkpoint_path=self.checkpoint_path, checkpoint_source=self.checkpoint_source
+            )
+            references.update(stored)
         values: dict[str, Any] = {}
         if inline:
             # Small JSON-like outputs (metrics, ids) live in the XCom table, readable in the UI.
@@ -197,56 +202,6 @@ class RayPythonOperator(PythonOperator):
             ray.get([owner.release.remote(references[k].entry_key) for k in inline])
         results = {k: values[k] if k in inline else result_for(r) for k, r in references.items()}
         return results if self.multiple_outputs else results["return_value"]
-
-    def _write_checkpoints(self, references: dict[str, Any]) -> dict[str, Any]:
-        """Persist every output before the task succeeds, streamed from a Ray worker.
-
-        The write runs as a Ray task that receives the output's ObjectRef, so the data goes from
-        the object store to storage without passing through this process. One directory per
-        task instance (``<base>/<dag>/<run>/<task>/<map_index>/``, one subdirectory per key of
-        ``multiple_outputs``) with stable names: a retry overwrites, never piles up.
-        """
-        import dataclasses
-
-        import ray
-
-        from airflow_ray import checkpoint, tasks
-
-        dag_id, run_id, task_id, map_index = self._task_key
-        base = checkpoint.resolve_checkpoint_location(
-            checkpoint_path=self.checkpoint_path,
-            checkpoint_source=self.checkpoint_source,
-            dag_id=dag_id,
-            run_id=run_id,
-            task_id=task_id,
-            map_index=map_index,
-        )
-        write = ray.remote(checkpoint.write_checkpoint).options(num_cpus=0)
-        refs = tasks.resolve(list(references.values()))
-        locations = {
-            key: base if key == "return_value" else dataclasses.replace(base, uri=f"{base.uri}{key}/")
-            for key in references
-        }
-        manifests = ray.get(
-            [
-                write.remote(ref, locations[key], blocks=bool(references[key].summary.get("dataset")))
-                for key, ref in zip(references, refs, strict=True)
-            ]
-        )
-        for key, manifest in zip(references, manifests, strict=True):
-            self.log.info(
-                "Checkpointed %s to %s (%s bytes, sha256 %s)",
-                key,
-                locations[key].uri,
-                manifest.get("bytes"),
-                str(manifest.get("sha256"))[:12],
-            )
-        return {
-            key: dataclasses.replace(
-                reference, checkpoint_uri=locations[key].uri, checkpoint_source=self.checkpoint_source
-            )
-            for key, reference in references.items()
-        }
 
     def on_kill(self) -> None:
         """Airflow is killing this task: cancel the Ray task too (no orphaned work)."""

@@ -1,6 +1,13 @@
-"""Test DAGs for checkpoints: a checkpointed Ray producer and its consumer."""
+"""Test DAGs for checkpoints: checkpointed Ray and plain producers, and both kinds of consumer.
+
+Checkpoints are on for the whole DAG through ``default_args``: ``@ray_task`` takes them as
+arguments, and the plain ``@task`` (which has no such argument) gets them through the XCom
+backend, which reads the same ``default_args``.
+"""
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import pandas as pd
@@ -9,19 +16,41 @@ from airflow.sdk import dag, task
 from airflow_ray import ray_task
 
 
-@dag(dag_id="checkpointed", schedule=None, default_args={"checkpoint": True})
+def digest(array: np.ndarray, frame: pd.DataFrame, plain: pd.DataFrame) -> str:
+    """A hash of every byte of the three outputs: equal hashes mean identical data."""
+    h = hashlib.sha256(np.ascontiguousarray(array).tobytes())
+    for df in (frame, plain):
+        h.update(pd.util.hash_pandas_object(df, index=True).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+@dag(
+    dag_id="checkpointed",
+    schedule=None,
+    default_args={"checkpoint": True, "checkpoint_path": "{{ dag_run.conf['base'] }}"},
+)
 def checkpointed():
-    @ray_task(num_cpus=0.5, checkpoint_path="{{ dag_run.conf['base'] }}", multiple_outputs=True)
+    @ray_task(num_cpus=0.5, multiple_outputs=True)
     def produce() -> dict:
         rng = np.random.default_rng(1)
         return {"array": rng.normal(size=200_000), "frame": pd.DataFrame({"a": np.arange(50_000)})}
 
     @task
-    def consume(array: np.ndarray, frame: pd.DataFrame) -> float:
-        return float(array.sum()) + float(frame["a"].sum())
+    def produce_plain() -> pd.DataFrame:
+        rng = np.random.default_rng(2)
+        return pd.DataFrame({"x": rng.normal(size=20_000), "s": ["p", "q"] * 10_000})
 
-    out = produce()
-    consume(out["array"], out["frame"])
+    @task
+    def consume(array: np.ndarray, frame: pd.DataFrame, plain: pd.DataFrame) -> str:
+        return digest(array, frame, plain)
+
+    @ray_task(num_cpus=0.5)
+    def consume_on_ray(array: np.ndarray, frame: pd.DataFrame, plain: pd.DataFrame) -> str:
+        return digest(array, frame, plain)
+
+    out, plain = produce(), produce_plain()
+    consume(out["array"], out["frame"], plain)
+    consume_on_ray(out["array"], out["frame"], plain)
 
 
 checkpointed_dag = checkpointed()
