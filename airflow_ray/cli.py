@@ -5,7 +5,7 @@
     $ airflow-ray cluster start     # start it now instead of on the first task
     $ airflow-ray cluster status    # address, resources, object store use, owner actors
     $ airflow-ray cluster stop
-    $ airflow-ray gc                # free objects of deleted runs / cleared XComs
+    $ airflow-ray gc                # free objects of deleted runs / cleared XComs, expire checkpoints
 """
 
 from __future__ import annotations
@@ -25,14 +25,22 @@ def main(argv: list[str] | None = None) -> int:
     cluster_parser.add_argument("--json", action="store_true", help="machine-readable status")
     gc_parser = sub.add_parser("gc", help="free Ray objects whose XCom rows are gone (needs the metadata DB)")
     gc_parser.add_argument("--dry-run", action="store_true", help="only count what would be freed")
+    gc_parser.add_argument(
+        "--checkpoints",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="also expire checkpoints under this base (repeatable; [ray] checkpoint_path is always included)",
+    )
+    gc_parser.add_argument("--checkpoint-source", help="connection id with the credentials for --checkpoints")
     args = parser.parse_args(argv)
     if args.group == "gc":
-        return _gc(dry_run=args.dry_run)
+        return _gc(dry_run=args.dry_run, bases=args.checkpoints, source=args.checkpoint_source)
     return _cluster(args.action, as_json=args.json)
 
 
-def _gc(*, dry_run: bool) -> int:
-    from airflow_ray import retention
+def _gc(*, dry_run: bool, bases: list[str], source: str | None) -> int:
+    from airflow_ray import checkpoint, config, retention
     from airflow_ray.hooks import RayHook
     from airflow_ray.xcom import XCOM_RAY_CONN_ID
 
@@ -40,6 +48,18 @@ def _gc(*, dry_run: bool) -> int:
     counts = retention.collect(dry_run=dry_run)
     verb = "would free" if dry_run else "freed"
     print(f"{verb} {counts['freed']} Ray objects whose XCom rows are gone; kept {counts['kept']}")
+    if config.checkpoint_path():
+        bases = [config.checkpoint_path(), *bases]
+    for base in dict.fromkeys(bases):
+        options = checkpoint.storage_options_for(base, source)
+        result = retention.expire_checkpoints(
+            base, options, retention_seconds=config.checkpoint_retention_seconds(), dry_run=dry_run
+        )
+        verb = "would delete" if dry_run else "deleted"
+        print(
+            f"{verb} checkpoints of {result['deleted']} deleted or expired runs under {base}; "
+            f"kept {result['kept']}"
+        )
     return 0
 
 

@@ -9,6 +9,10 @@ It needs the metadata database, so it runs where the scheduler runs:
 .. code-block:: console
 
     $ airflow-ray gc            # e.g. from cron, or a maintenance DAG
+
+Checkpoints outlive the in-memory objects on purpose (they are how a run recovers from the
+loss of the cluster): :func:`expire_checkpoints` deletes a run's checkpoints once the run is
+deleted, or ``[ray] checkpoint_retention_seconds`` after they were written.
 """
 
 from __future__ import annotations
@@ -41,6 +45,75 @@ def collect(session: Any = None, *, dry_run: bool = False) -> dict[str, int]:
             if not dry_run:
                 ray.get(owner.release.remote(tuple(entry["key"])))
     return {"kept": kept, "freed": freed}
+
+
+def expire_checkpoints(
+    base_uri: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    retention_seconds: float,
+    session: Any = None,
+    now: float | None = None,
+    dry_run: bool = False,
+) -> dict[str, int]:
+    """Delete the checkpoints of runs under ``base_uri`` that are deleted or expired.
+
+    A run's directory (``<base>/<dag_id>/<run_id>/``) goes when no DAG run of that id exists
+    any more, or when its newest manifest is older than ``retention_seconds`` (0: never).
+
+    :returns: counts of ``kept`` and ``deleted`` run directories.
+    """
+    import datetime
+    import json
+    import time
+
+    from airflow_ray import checkpoint
+
+    now = time.time() if now is None else now
+    live = _run_directories(session)
+    fs, root = checkpoint._open_fs(base_uri, storage_options or {})
+    kept = deleted = 0
+    for dag_dir in _subdirectories(fs, root):
+        for run_dir in _subdirectories(fs, dag_dir):
+            names = (dag_dir.rsplit("/", 1)[-1], run_dir.rsplit("/", 1)[-1])
+            written = [
+                datetime.datetime.fromisoformat(json.loads(fs.cat_file(path))["created_at"]).timestamp()
+                for path in fs.find(run_dir)
+                if path.endswith("/" + checkpoint.MANIFEST_NAME)
+            ]
+            expired = retention_seconds > 0 and now - max(written, default=0.0) > retention_seconds
+            if names in live and not expired:
+                kept += 1
+                continue
+            deleted += 1
+            if not dry_run:
+                checkpoint._remove_tree(fs, run_dir)
+    return {"kept": kept, "deleted": deleted}
+
+
+def _run_directories(session: Any) -> set[tuple[str, str]]:
+    """``(dag_id, run_id)`` of every DAG run, spelled as checkpoint directories spell them."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    from airflow_ray.checkpoint import _safe_component
+
+    def scan(s: Any) -> set[tuple[str, str]]:
+        rows = s.query(DagRun.dag_id, DagRun.run_id).yield_per(1000)
+        return {(_safe_component(dag_id), _safe_component(run_id)) for dag_id, run_id in rows}
+
+    if session is not None:
+        return scan(session)
+    with create_session() as s:
+        return scan(s)
+
+
+def _subdirectories(fs: Any, path: str) -> list[str]:
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return [e["name"].rstrip("/") for e in entries if e["type"] == "directory"]
 
 
 def _owner_names(namespace: str) -> list[str]:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+#: Callables a test harness lends to the tasks of a DAG it runs in-process (``dag.test``), e.g.
+#: ``tests/scripts/multinode.py`` lends ``lose_node`` to the ``node_loss`` DAG.
+HARNESS: dict[str, Callable[[], None]] = {}
 
 
 @dataclass

@@ -111,3 +111,28 @@ def test_corrupt_checkpoint_is_an_error_naming_the_path(run_dag, tmp_path):
     with pytest.raises(RayObjectLostError, match="restoring it from its checkpoint") as excinfo:
         result.xcom("produce", key="array")
     assert str(data.parent) in str(excinfo.value)
+
+
+def test_gc_deletes_checkpoints_of_deleted_and_expired_runs(run_dag, tmp_path):
+    import shutil
+    import time
+
+    from airflow_ray import retention
+
+    result = run_dag(checkpointed.checkpointed_dag, run_conf={"base": f"file://{tmp_path}"})
+    assert result.state == "success", result.states
+    run_dir = next((tmp_path / "checkpointed").iterdir())
+    gone = run_dir.with_name("manual__a_deleted_run")  # checkpoints of a run no longer in the DB
+    shutil.copytree(run_dir, gone)
+    base = f"file://{tmp_path}"
+
+    assert retention.expire_checkpoints(base, retention_seconds=3600, dry_run=True) == {
+        "kept": 1,
+        "deleted": 1,
+    }
+    assert gone.exists()
+    assert retention.expire_checkpoints(base, retention_seconds=3600) == {"kept": 1, "deleted": 1}
+    assert run_dir.exists() and not gone.exists()
+    later = time.time() + 7200  # the live run's checkpoints expire after the retention period
+    assert retention.expire_checkpoints(base, retention_seconds=3600, now=later) == {"kept": 0, "deleted": 1}
+    assert not run_dir.exists()

@@ -1,4 +1,4 @@
-"""Multi-node: a task that asks for a custom resource runs on the node that has it.
+"""Multi-node: custom resources pin tasks to a node; outputs survive the loss of that node.
 
 The cluster is a real ``ray.cluster_utils.Cluster`` (a head and a worker node with the resource
 ``special``, each with its own raylet and object store), started in a subprocess together with
@@ -23,7 +23,7 @@ SCRIPT = ROOT / "tests" / "scripts" / "multinode.py"
 pytestmark = pytest.mark.slow
 
 
-def test_custom_resource_task_runs_on_the_node_that_has_it():
+def test_custom_resources_and_node_loss_on_a_multi_node_cluster():
     # Ray's unix socket paths must stay short: a temp dir near the root, not pytest's tmp_path.
     temp_dir = tempfile.mkdtemp(prefix="arm_", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -57,6 +57,14 @@ def test_custom_resource_task_runs_on_the_node_that_has_it():
     assert "authentication failed" in report["auth"]["no_token"]
     assert report["auth"]["token_file"] == "ok"
     assert report["hook_auth_mode"] == "token"
+
+    # Node loss: the output of a retriable task is recomputed by Ray (lineage); one whose task
+    # cannot be retried (max_retries=0) is restored from its checkpoint, by both consumers.
+    loss = report["node_loss"]
+    assert loss["state"] == "success", loss["states"]
+    expected = [float(sum(range(3_000_000))), float(2 * sum(range(3_000_000)))]
+    assert loss["on_ray"] == loss["in_airflow"] == expected
+    assert loss["restored"] and all("'produce_checkpointed'" in line for line in loss["restored"])
 
 
 def _kill_leftovers(temp_dir: str) -> None:

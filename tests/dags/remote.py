@@ -3,7 +3,7 @@
 ``tests/test_hooks.py`` runs ``remote_client`` in an ``airflow dags test`` subprocess whose
 ``ray_default`` connection is the session head's Ray Client address, and ``unreachable``
 in-process with a connection to a closed port; ``tests/test_multinode.py`` runs
-``special_node`` against a two-node ``ray.cluster_utils.Cluster``.
+``special_node`` and ``node_loss`` against a two-node ``ray.cluster_utils.Cluster``.
 """
 
 from __future__ import annotations
@@ -59,6 +59,49 @@ def special_node():
     anywhere()
 
 
+@dag(dag_id="node_loss", schedule=None)
+def node_loss():
+    """Both producers' outputs live on the 'special' node, which dies before the consumers run."""
+
+    @ray_task(resources={"special": 1}, num_cpus=0.5)
+    def produce_lineage():
+        import numpy as np
+
+        return np.arange(3_000_000, dtype=np.float64)  # lost with its node: Ray re-runs the task
+
+    @ray_task(
+        resources={"special": 1},
+        num_cpus=0.5,
+        max_retries=0,
+        checkpoint=True,
+        checkpoint_path="{{ dag_run.conf['base'] }}",
+    )
+    def produce_checkpointed():
+        import numpy as np
+
+        return np.arange(3_000_000, dtype=np.float64) * 2  # no lineage: only its checkpoint remains
+
+    @task
+    def lose_node() -> None:
+        from tests import helpers
+
+        helpers.HARNESS["lose_node"]()  # set by tests/scripts/multinode.py, which owns the cluster
+
+    @ray_task(num_cpus=0.5)
+    def consume_on_ray(a, b) -> list:
+        return [float(a.sum()), float(b.sum())]
+
+    @task
+    def consume_in_airflow(a, b) -> list:
+        return [float(a.sum()), float(b.sum())]
+
+    a, b = produce_lineage(), produce_checkpointed()
+    lost = lose_node()
+    [a, b] >> lost
+    lost >> [consume_on_ray(a, b), consume_in_airflow(a, b)]
+
+
 remote_client_dag = remote_client()
 unreachable_dag = unreachable()
 special_node_dag = special_node()
+node_loss_dag = node_loss()

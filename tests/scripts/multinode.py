@@ -49,12 +49,42 @@ def main(temp_dir: str) -> dict:
         if result.state == "success":
             report["where"] = result.xcom("where")
             report["anywhere"] = result.xcom("anywhere")
+        report["node_loss"] = _node_loss(cluster, special, temp_dir)
         return report
     finally:
         import ray
 
         ray.shutdown()
         cluster.shutdown()
+
+
+def _node_loss(cluster, special, temp_dir: str) -> dict:
+    """Run ``node_loss``: its producers' outputs die with the special node, mid-run."""
+    import logging
+
+    from tests import helpers
+    from tests.dags import remote
+    from tests.helpers import run_dag
+
+    def lose_node() -> None:
+        cluster.remove_node(special)  # kills its raylet and object store: its objects are lost
+        cluster.add_node(num_cpus=1, resources={"special": 1}, object_store_memory=STORE_BYTES)
+        cluster.wait_for_nodes()
+
+    helpers.HARNESS["lose_node"] = lose_node
+    restored: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Restored"):
+                restored.append(record.getMessage())
+
+    logging.getLogger("airflow_ray").addHandler(Collect())
+    result = run_dag(remote.node_loss_dag, run_conf={"base": f"file://{temp_dir}/checkpoints"})
+    report = {"state": result.state, "states": result.states, "restored": restored}
+    if result.state == "success":
+        report.update(on_ray=result.xcom("consume_on_ray"), in_airflow=result.xcom("consume_in_airflow"))
+    return report
 
 
 def _auth_behaviour(address: str) -> dict:
