@@ -64,13 +64,51 @@ class Owner:
 
         ``inputs`` arrive boxed in a list so Ray hands us the ObjectRefs themselves, which we
         pass on as top-level arguments: Ray resolves those on the worker, not here.
+
+        If the same task instance is still running here (its Airflow process died without
+        cancelling it, and Airflow retried), this call attaches to that run and returns its
+        result instead of running the function a second time.
         """
+        with self._lock:
+            current = self._tasks.get(task_key)
+            if current is not None and not current["done"].is_set():
+                attached = current
+            else:
+                attached = None
+                state = {
+                    "started": None,
+                    "log": [],
+                    "log_chars": 0,
+                    "gen": None,
+                    "finished": None,
+                    "done": threading.Event(),
+                    "result": None,
+                }
+                self._tasks[task_key] = state
+                self._drop(lambda key: key[:4] == task_key)  # a re-run replaces the old outputs
+        if attached is not None:
+            attached["done"].wait()
+            return {**attached["result"], "attached": True}
+        try:
+            state["result"] = self._execute_and_register(
+                task_key, state, fn_blob, call_blob, inputs, options, spec
+            )
+        finally:
+            state["done"].set()
+        return state["result"]
+
+    def _execute_and_register(
+        self,
+        task_key: TaskKey,
+        state: dict[str, Any],
+        fn_blob: bytes,
+        call_blob: bytes,
+        inputs: list[Any],
+        options: dict[str, Any],
+        spec: dict[str, Any],
+    ) -> dict[str, Any]:
         import ray
 
-        state = {"started": None, "log": [], "log_chars": 0, "gen": None, "finished": None}
-        with self._lock:
-            self._tasks[task_key] = state
-            self._drop(lambda key: key[:4] == task_key)  # a re-run replaces the old outputs
         spec = {**spec, "task_key": task_key}
         try:
             gen = self._execute.options(num_returns="streaming", **options).remote(

@@ -90,6 +90,12 @@ def run(request: TaskRequest, log: logging.Logger) -> list[dict[str, Any]]:
             _cancel(run_ref, owner, request, log)
             raise
         result = ray.get(run_ref)
+        if result.get("attached"):
+            log.warning(
+                "%s was still running on Ray from an earlier try: used its result instead of running "
+                "the function again",
+                request.label,
+            )
         if result["ok"]:
             return result["outputs"]
         lost = _lost_inputs(result["error"], references)

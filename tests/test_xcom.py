@@ -129,6 +129,49 @@ def test_independent_ray_tasks_run_in_parallel(ray_cluster, tmp_path):
     assert results == dict.fromkeys(range(8), True), "not all 8 tasks were running at the same time"
 
 
+def test_retry_attaches_to_the_still_running_ray_task(ray_cluster, tmp_path, caplog):
+    """A retry whose first try's Airflow process died (never cancelled its Ray task) waits for
+    that Ray task and takes its result: the function runs once."""
+    import logging
+
+    from airflow_ray.hooks import RayHook
+
+    RayHook().connect()
+    runs = tmp_path / "runs"
+
+    def slow(path: str) -> str:
+        import os
+        import time
+
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(3)
+        return "done"
+
+    def request() -> tasks.TaskRequest:
+        return tasks.TaskRequest(
+            fn=slow,
+            args=(str(runs),),
+            kwargs={},
+            task_key=("reattach", "run", "t", -1),
+            options={"num_cpus": 0.1},
+        )
+
+    first: dict = {}
+    try_1 = threading.Thread(target=lambda: first.update(outputs=tasks.run(request(), _null_log())))
+    try_1.start()
+    deadline = time.monotonic() + 120
+    while not runs.exists():  # the function is running
+        assert time.monotonic() < deadline, "the first try's function never started"
+        time.sleep(0.1)
+    with caplog.at_level(logging.WARNING):
+        second = tasks.run(request(), logging.getLogger("retry"))
+    try_1.join()
+    assert len(runs.read_text().splitlines()) == 1  # the function ran once
+    assert second[0]["object_id"] == first["outputs"][0]["object_id"]
+    assert "still running on Ray from an earlier try" in caplog.text
+
+
 def test_purge_and_rerun_free_objects(ray_cluster):
     """Re-running a task replaces its outputs; purging an XCom frees its object."""
     from airflow.sdk.execution_time.comms import XComResult
