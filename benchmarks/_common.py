@@ -249,14 +249,14 @@ class LocalExecutorStack:
             time.sleep(1)
         raise TimeoutError(f"DAGs not parsed after {timeout:.0f} s: {sorted(wanted - have)}")
 
-    def trigger(self, dag_id: str) -> str:
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
         from airflow.api.common.trigger_dag import trigger_dag
         from airflow.utils.types import DagRunTriggeredByType
 
         run_id = f"bench__{dag_id}__{time.time_ns()}"
         for _ in range(10):  # SQLite is shared with three busy processes
             try:
-                trigger_dag(dag_id, triggered_by=DagRunTriggeredByType.CLI, run_id=run_id)
+                trigger_dag(dag_id, triggered_by=DagRunTriggeredByType.CLI, run_id=run_id, conf=conf)
                 return run_id
             except Exception as exc:  # "database is locked"
                 if "locked" not in str(exc):

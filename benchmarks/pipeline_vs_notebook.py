@@ -12,8 +12,9 @@ Same data, same Ray cluster (a private embedded one, stopped at the end), one ti
    proves are the notebook's), data passed as Python objects;
 2. **dag.test()**: the DAG, every task in this process (what ``airflow dags test`` does), each
    ``@ray_task`` a Ray task, DataFrames through Ray's object store via ``RayXComBackend``;
-3. **LocalExecutor**: TODO (needs the core's scheduler harness: a scheduler, a DAG processor and
-   an API server, one process per task instance);
+3. **LocalExecutor**: the same DAG under a real scheduler, DAG processor and API server
+   (``benchmarks/_common.LocalExecutorStack``), one process per task instance, timed from the
+   trigger to the run's end (includes the scheduler's own latency between tasks);
 4. **reference**: single-process ``xgboost.train`` on the same split, no Ray at all.
 
 Small warm-up runs of both (reported as "cold start") come first, so the timed runs compare
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (1 CPU each)")
+    parser.add_argument("--no-local-executor", dest="local_executor", action="store_false")
     args = parser.parse_args()
     conf = {"n_rows": args.rows, "num_boost_round": args.rounds, "num_workers": args.workers, "seed": 0}
 
@@ -65,12 +67,14 @@ def main() -> None:
         script = _run_script(pipeline, conf)
         _log("DAG: dag.test()")
         dag = _run_dag_test(conf)
+        _log("DAG: LocalExecutor (api-server, scheduler, dag-processor)")
+        local = _run_local_executor(conf, home) if args.local_executor else None
         _log("reference: single-process xgboost.train")
         reference = _run_reference(pipeline, conf)
     finally:
         cluster.stop()
 
-    _report(args, script, dag, reference, cold)
+    _report(args, script, dag, local, reference, cold)
 
 
 def _configure(home: Path) -> None:
@@ -87,7 +91,7 @@ def _configure(home: Path) -> None:
             "AIRFLOW_RAY_EXAMPLES_STORAGE": (home / "storage").as_uri(),
         }
     )
-    sys.path[:0] = [str(DAGS), str(ROOT)]
+    sys.path[:0] = [str(DAGS), str(ROOT), str(ROOT / "benchmarks")]
 
 
 def _pipeline() -> dict[str, Any]:
@@ -154,6 +158,21 @@ def _run_dag_test(conf: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": seconds, "steps": steps, "metrics": metrics, "state": str(run.state)}
 
 
+def _run_local_executor(conf: dict[str, Any], home: Path) -> dict[str, Any]:
+    """One run under a real scheduler: every task instance is its own process."""
+    from _common import LocalExecutorStack, task_instances
+
+    with LocalExecutorStack(dict(os.environ), home) as stack:
+        stack.wait_parsed([DAG_ID])
+        started = time.perf_counter()
+        run_id = stack.trigger(DAG_ID, conf=conf)
+        state = stack.wait(DAG_ID, run_id, timeout=1800)
+        seconds = time.perf_counter() - started
+    tis = task_instances(DAG_ID, run_id)
+    steps = {task_id: ti["duration"] for task_id, ti in tis.items() if ti["duration"] is not None}
+    return {"seconds": seconds, "steps": steps, "state": state}
+
+
 def _run_reference(pipeline: dict[str, Any], conf: dict[str, Any]) -> dict[str, Any]:
     """Plain xgboost on the script's split, with the DAG's default parameters, all CPUs."""
     import xgboost
@@ -176,7 +195,9 @@ def _run_reference(pipeline: dict[str, Any], conf: dict[str, Any]) -> dict[str, 
     return {"seconds": seconds, "metrics": metrics}
 
 
-def _report(args: argparse.Namespace, script: dict, dag: dict, reference: dict, cold: dict) -> None:
+def _report(
+    args: argparse.Namespace, script: dict, dag: dict, local: dict | None, reference: dict, cold: dict
+) -> None:
     def quality(metrics: dict[str, Any]) -> str:
         if "accuracy" not in metrics:
             return "(no metrics)"
@@ -195,10 +216,19 @@ def _report(args: argparse.Namespace, script: dict, dag: dict, reference: dict, 
     )
     print(f"      tasks: {steps(dag['steps'])}")
     print(f"  ratio DAG / script          {ratio:8.2f} x  (target <= 1.2 x)")
-    print("  DAG, LocalExecutor          TODO (needs the core's scheduler harness)")
+    if local is not None:
+        print(f"  DAG, LocalExecutor          {local['seconds']:8.1f} s   [{local['state']}]")
+        print(f"      tasks: {steps(local['steps'])}")
+        print(f"  ratio LocalExecutor / script {local['seconds'] / script['seconds']:7.2f} x")
     print(f"  reference xgboost.train     {reference['seconds']:8.1f} s   {quality(reference['metrics'])}")
     print(f"  cold start, 5,000 rows x 2 rounds: script {cold['script']:.1f} s, DAG {cold['dag']:.1f} s")
-    summary = {"script_s": script["seconds"], "dag_test_s": dag["seconds"], "ratio": ratio, "cold": cold}
+    summary = {
+        "script_s": script["seconds"],
+        "dag_test_s": dag["seconds"],
+        "local_executor_s": local["seconds"] if local else None,
+        "ratio": ratio,
+        "cold": cold,
+    }
     print(json.dumps(summary))
 
 

@@ -34,3 +34,47 @@ def test_objects_outlive_their_producers(airflow_services):
     owner = get_owner(owner_name("cross_process", "xp1"))
     held = {e["object_id"] for e in ray.get(owner.entries.remote()) if e["key"][1] == "xp1"}
     assert raw["object_id"] in held, "the owner holds the run's objects after every producer exited"
+
+
+def test_clear_rerun_and_delete_return_the_object_store_to_baseline(airflow_services, ray_cluster):
+    """Object store bytes as the raylet reports them: a re-run replaces, a deleted run is freed."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from airflow_ray import cluster
+    from tests.services import wait
+
+    def used() -> int:
+        return cluster.status(ray_cluster)["object_store_used_bytes"]
+
+    airflow_services.wait_for_dag("cross_process")
+    baseline = used()
+    run_bytes = 2 * 16_000_000  # produce's array and transform's doubled array
+    airflow_services.trigger("cross_process", "xp2")
+    airflow_services.wait_for_run("cross_process", "xp2")
+    first = airflow_services.xcom("cross_process", "xp2", "produce", key="data")["object_id"]
+    after_run = used()
+    assert after_run >= baseline + run_bytes
+
+    # Clear 'produce' and its downstream tasks, as the UI's "Clear" does; the scheduler re-runs them.
+    clear = (
+        "from airflow.utils.cli import get_db_dag;"
+        "dag = get_db_dag(None, 'cross_process');"
+        "dag.partial_subset(['produce'], include_downstream=True).clear(run_id='xp2')"
+    )
+    subprocess.run([sys.executable, "-c", clear], env=airflow_services.env, check=True, capture_output=True)
+    airflow_services.wait_for_run("cross_process", "xp2")
+    assert airflow_services.xcom("cross_process", "xp2", "produce", key="data")["object_id"] != first
+    wait(lambda: used() <= after_run + run_bytes // 4, "the re-run's old objects to be freed", 30)
+
+    with sqlite3.connect(airflow_services.db, timeout=30) as conn:  # what deleting the run in the UI does
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("delete from dag_run where run_id='xp2'")
+    subprocess.run(
+        [sys.executable, "-m", "airflow_ray.cli", "gc"],
+        env=airflow_services.env,
+        check=True,
+        capture_output=True,
+    )
+    wait(lambda: used() <= baseline + run_bytes // 8, "the deleted run's objects to be freed", 30)
