@@ -249,6 +249,14 @@ class LocalExecutorStack:
             time.sleep(1)
         raise TimeoutError(f"DAGs not parsed after {timeout:.0f} s: {sorted(wanted - have)}")
 
+    def unpause(self, dag_id: str) -> None:
+        """A DAG first seen by ``dag.test()`` in the same database was created paused."""
+        from airflow.models.dag import DagModel
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            session.query(DagModel).filter(DagModel.dag_id == dag_id).update({"is_paused": False})
+
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
         from airflow.api.common.trigger_dag import trigger_dag
         from airflow.utils.types import DagRunTriggeredByType

@@ -164,6 +164,7 @@ def _run_local_executor(conf: dict[str, Any], home: Path) -> dict[str, Any]:
 
     with LocalExecutorStack(dict(os.environ), home) as stack:
         stack.wait_parsed([DAG_ID])
+        stack.unpause(DAG_ID)
         started = time.perf_counter()
         run_id = stack.trigger(DAG_ID, conf=conf)
         state = stack.wait(DAG_ID, run_id, timeout=1800)

@@ -16,6 +16,7 @@ import ray
 from airflow_ray.errors import RayObjectLostError
 from airflow_ray.store import forget_owners, get_owner, owner_name
 from tests.dags import checkpointed
+from tests.s3_server import aws_connection, s3_server  # noqa: F401
 
 
 def _kill_owner(result) -> None:
@@ -54,6 +55,26 @@ def test_owner_loss_restores_from_checkpoint_then_memory(run_dag, tmp_path, capl
     boxed = ray.get(owner.lookup.remote([(result.dag_id, result.run_id, "produce", -1, "array")]))
     assert boxed[0] is not None
     np.testing.assert_array_equal(ray.get(boxed[0][0]), outputs[0])
+
+
+def test_s3_checkpoints_through_a_dag(run_dag, aws_connection, s3_server):  # noqa: F811 (fixtures)
+    """A real S3 endpoint (moto server on loopback), reached through an Airflow aws connection."""
+    import json
+
+    result = run_dag(checkpointed.checkpointed_s3_dag)
+    assert result.state == "success", result.states
+    expected = result.xcom("consume")
+    for task_id, key in (("produce", "array"), ("produce", "frame"), ("produce_plain", "return_value")):
+        raw = result.xcom_raw(task_id, key=key)
+        assert raw["checkpoint_uri"].startswith(f"s3://{s3_server.bucket}/ckpt/checkpointed_s3/")
+        assert raw["checkpoint_source"] == aws_connection
+        assert s3_server.secret_key not in json.dumps(raw)  # credentials never in XCom
+    listed = s3_server.boto3_client().list_objects_v2(Bucket=s3_server.bucket, Prefix="ckpt/checkpointed_s3/")
+    names = {item["Key"].rsplit("/", 1)[-1] for item in listed["Contents"]}
+    assert {"manifest.json", "data.npy", "data.parquet"} <= names
+
+    _kill_owner(result)
+    assert checkpointed.digest(*_outputs(result)) == expected
 
 
 def test_cluster_loss_then_rerun_of_the_consumers_restores_identical_data(run_dag, tmp_path, monkeypatch):

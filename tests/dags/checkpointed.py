@@ -24,21 +24,24 @@ def digest(array: np.ndarray, frame: pd.DataFrame, plain: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
-@dag(
-    dag_id="checkpointed",
-    schedule=None,
-    default_args={"checkpoint": True, "checkpoint_path": "{{ dag_run.conf['base'] }}"},
-)
-def checkpointed():
+def make_outputs() -> dict:
+    rng = np.random.default_rng(1)
+    return {"array": rng.normal(size=200_000), "frame": pd.DataFrame({"a": np.arange(50_000)})}
+
+
+def make_plain() -> pd.DataFrame:
+    rng = np.random.default_rng(2)
+    return pd.DataFrame({"x": rng.normal(size=20_000), "s": ["p", "q"] * 10_000})
+
+
+def _pipeline(with_ray_consumer: bool = True) -> None:
     @ray_task(num_cpus=0.5, multiple_outputs=True)
     def produce() -> dict:
-        rng = np.random.default_rng(1)
-        return {"array": rng.normal(size=200_000), "frame": pd.DataFrame({"a": np.arange(50_000)})}
+        return make_outputs()
 
     @task
     def produce_plain() -> pd.DataFrame:
-        rng = np.random.default_rng(2)
-        return pd.DataFrame({"x": rng.normal(size=20_000), "s": ["p", "q"] * 10_000})
+        return make_plain()
 
     @task
     def consume(array: np.ndarray, frame: pd.DataFrame, plain: pd.DataFrame) -> str:
@@ -50,7 +53,28 @@ def checkpointed():
 
     out, plain = produce(), produce_plain()
     consume(out["array"], out["frame"], plain)
-    consume_on_ray(out["array"], out["frame"], plain)
+    if with_ray_consumer:
+        consume_on_ray(out["array"], out["frame"], plain)
+
+
+@dag(
+    dag_id="checkpointed",
+    schedule=None,
+    default_args={"checkpoint": True, "checkpoint_path": "{{ dag_run.conf['base'] }}"},
+)
+def checkpointed():
+    _pipeline()
+
+
+@dag(
+    dag_id="checkpointed_s3",
+    schedule=None,
+    # bucket, prefix, endpoint and credentials: all from the aws connection (tests/s3_server.py)
+    default_args={"checkpoint": True, "checkpoint_source": "checkpoint_s3"},
+)
+def checkpointed_s3():
+    _pipeline(with_ray_consumer=False)
 
 
 checkpointed_dag = checkpointed()
+checkpointed_s3_dag = checkpointed_s3()
