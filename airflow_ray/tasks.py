@@ -73,15 +73,15 @@ def run(request: TaskRequest, log: logging.Logger) -> list[dict[str, Any]]:
 
     fn_blob = pickle_function(request.fn, request.label)
     template, handles = extract_handles((request.args, request.kwargs))
-    inputs = resolve([h.reference for h in handles])
+    references = [h.reference for h in handles]
+    inputs = resolve(references)
     call_blob = _dumps(template, f"the arguments of {request.label}")
     dag_id, run_id, *_ = request.task_key
     owner = get_owner(owner_name(dag_id, run_id), create=True)
     spec = {
         "split": request.split,
-        "datasets": [i for i, h in enumerate(handles) if h.reference.summary.get("dataset")],
+        "datasets": [i for i, r in enumerate(references) if r.summary.get("dataset")],
     }
-    references = [h.reference for h in handles]
     for attempt in (1, 2):
         run_ref = owner.run.remote(request.task_key, fn_blob, call_blob, inputs, request.options, spec)
         try:
