@@ -314,7 +314,9 @@ def _translate(error: dict[str, Any], request: TaskRequest, references: list[Obj
 
 def _lost_inputs(error: dict[str, Any], references: list[ObjectReference]) -> list[int] | None:
     """Which inputs a failure says are lost: those named in it, else all; None if not a loss."""
-    if error["kind"] not in _LOST_KINDS or not references:
+    # The loss arrives as itself or wrapped in a RayTaskError whose cause is the loss.
+    kinds = {error["kind"], error["type"].rsplit(".", 1)[-1]}
+    if not kinds & set(_LOST_KINDS) or not references:
         return None
     named = [i for i, r in enumerate(references) if r.object_id in error["details"]]
     return named or list(range(len(references)))
