@@ -39,7 +39,6 @@ Stability: beta. The on-store layout and manifest keys are versioned by ``format
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -52,7 +51,6 @@ import os
 import platform
 import re
 import sys
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -62,8 +60,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Version of the on-store layout and manifest; readers refuse newer versions.
-FORMAT_VERSION = 1
+#: Version of the on-store layout and manifest; readers refuse newer versions. Version 2 replaced
+#: the ``sha256`` key with ``checksum``; version 1 checkpoints stay readable.
+FORMAT_VERSION = 2
+#: How new checkpoints checksum their data file (``checksum`` = ``"<algorithm>:<hex digest>"``).
+#: XXH3-128 catches what a checksum is for (truncation, flipped bits, a stale or foreign file) as
+#: surely as sha256, at 10x its speed: sha256 (~1.7 GB/s) halved checkpoint throughput on local
+#: disks. Neither stops someone who can write the store: they could rewrite the manifest too.
+CHECKSUM_ALGORITHM = "xxh3_128"
 MANIFEST_NAME = "manifest.json"
 
 # Large blocks keep per-call overhead (Python, HTTP requests, multipart parts) negligible next to
@@ -72,10 +76,11 @@ _BLOCK_SIZE = 32 * 1024 * 1024
 # Reads from object stores use fewer, larger requests: one GET streams at full speed, while some
 # S3-compatible servers (moto among them) re-read the whole object for every ranged GET.
 _REMOTE_READ_BLOCK = 512 * 1024 * 1024
+# Local reads use smaller blocks: each is checksummed right after it is read, while it is still in
+# the CPU cache (measured: 1 GB .npy read 0.81x -> 0.87x the plain copy's speed with 8 MiB).
+_LOCAL_READ_BLOCK = 8 * 1024 * 1024
 # First read of an .npy file: the header (usually 128 bytes) and the start of the data.
 _NPY_PREFIX_BYTES = 1024 * 1024
-# Below this, hashing on a helper thread costs more in hand-off than it saves.
-_THREADED_HASH_MIN = 1024 * 1024
 # Rows compared after a Parquet round trip to decide whether a DataFrame can be stored as Parquet.
 _FRAME_SAMPLE_ROWS = 64
 
@@ -244,15 +249,15 @@ def write_checkpoint(value: Any, location: CheckpointLocation, *, blocks: bool =
     With ``blocks``, ``value`` is a Ray Data dataset as the owner holds it (a list of ObjectRefs
     to Arrow tables): it is written as one table, and restored as a one-block dataset.
 
-    The data streams to the store in large blocks and is hashed on the way (sha256, on a helper
-    thread), so a 1 GB output is never copied whole in memory nor read back. Order makes it safe
+    The data streams to the store in large blocks and is checksummed on the way, so a 1 GB output
+    is never copied whole in memory nor read back. Order makes it safe
     to retry: the old manifest is removed first, the data file written under its stable name, any
     data file of another format left by an earlier attempt removed, and ``manifest.json`` written
     last. A checkpoint without a manifest is incomplete and reads as not found. Returns once every
     file is closed (uploads completed); local files are not fsync-ed.
 
     Manifest keys: ``format_version``, ``format`` (``parquet``/``arrow_ipc``/``npy``/``pickle``),
-    ``data_file``, ``python_type``, ``bytes``, ``sha256``, ``rows``, ``schema`` (Arrow fields, for
+    ``data_file``, ``python_type``, ``bytes``, ``checksum``, ``rows``, ``schema`` (Arrow fields, for
     tables), ``dtype``/``shape`` (arrays), ``options`` (format details), ``producer`` (versions),
     ``created_at`` (UTC ISO 8601).
     """
@@ -271,12 +276,10 @@ def write_checkpoint(value: Any, location: CheckpointLocation, *, blocks: bool =
         fs.makedirs(dir_path, exist_ok=True)
     _remove_quietly(fs, manifest_path)
 
+    checksum = _Checksum(CHECKSUM_ALGORITHM)
     try:
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-sha256") as pool:
-            digest = _StreamHash(pool)
-            with fs.open(data_path, "wb", block_size=_BLOCK_SIZE) as raw:
-                plan.write(raw, digest)
-            sha256, nbytes = digest.result()
+        with fs.open(data_path, "wb", block_size=_BLOCK_SIZE) as raw:
+            plan.write(_ChecksummingWriter(raw, checksum))
     except BaseException:
         # Closing the file committed whatever was written (an object store upload completes on
         # close): drop it, so a failed attempt leaves nothing behind but the directory.
@@ -290,8 +293,8 @@ def write_checkpoint(value: Any, location: CheckpointLocation, *, blocks: bool =
         "format": plan.format,
         "data_file": data_name,
         "python_type": _qualified_type_name(value),
-        "bytes": nbytes,
-        "sha256": sha256,
+        "bytes": checksum.nbytes,
+        "checksum": checksum.value(),
         "rows": plan.rows,
         "schema": plan.schema,
         "dtype": plan.dtype,
@@ -323,11 +326,11 @@ def read_checkpoint(
 ) -> Any:
     """Read a checkpoint back into the value that was written (worker side).
 
-    Every byte is hashed on a helper thread, overlapping the reads, and checked against the
-    manifest's size and sha256 before anything is returned: Arrow IPC and pickle data, and
-    Parquet from object stores, are verified before they are parsed; a local Parquet file is
-    decoded natively while it is hashed; an ``.npy`` file is read straight into the destination
-    array. ``storage_options`` overrides those of a :class:`CheckpointLocation`.
+    Every byte is checked against the manifest's size and checksum before anything is returned.
+    The data file is read once, in large blocks, into the buffer the value will live in: Parquet,
+    Arrow IPC and pickle data are verified before they are parsed, an ``.npy`` file is read
+    straight into the destination array. ``storage_options`` overrides those of a
+    :class:`CheckpointLocation`.
 
     :raises CheckpointNotFoundError: no manifest at the location.
     :raises CheckpointCorruptError: truncated, altered or unparsable data; names the file.
@@ -355,8 +358,7 @@ def read_checkpoint(
             f"{size} bytes, manifest says {manifest['bytes']}",
             _display(fs, data_path),
         )
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-sha256") as pool:
-        return reader(fs, data_path, manifest, pool)
+    return reader(fs, data_path, manifest)
 
 
 def delete_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -426,11 +428,11 @@ def persist(
     log = logging.getLogger(__name__)
     for key, manifest in zip(references, manifests, strict=True):
         log.info(
-            "Checkpointed the output of %s to %s (%s bytes, sha256 %s)",
+            "Checkpointed the output of %s to %s (%s bytes, %s)",
             references[key].describe(),
             locations[key].uri,
-            manifest.get("bytes"),
-            str(manifest.get("sha256"))[:12],
+            manifest["bytes"],
+            manifest["checksum"],
         )
     return {
         key: dataclasses.replace(ref, checkpoint_uri=locations[key].uri, checkpoint_source=checkpoint_source)
@@ -676,7 +678,9 @@ def _load_manifest(fs: AbstractFileSystem, dir_path: str) -> dict[str, Any]:
         ) from exc
     try:
         manifest = json.loads(raw)
-        missing = {"format_version", "format", "data_file", "bytes", "sha256"} - set(manifest)
+        missing = {"format_version", "format", "data_file", "bytes"} - set(manifest)
+        if "checksum" not in manifest and "sha256" not in manifest:
+            missing.add("checksum")
     except (ValueError, TypeError) as exc:
         raise CheckpointCorruptError(
             f"Checkpoint manifest {_display(fs, path)} is not valid JSON: {exc}", _display(fs, path)
@@ -697,80 +701,74 @@ def _load_manifest(fs: AbstractFileSystem, dir_path: str) -> dict[str, Any]:
             f"airflow-ray reads up to {FORMAT_VERSION}: upgrade airflow-ray where it is read",
             _display(fs, path),
         )
+    algorithm = _expected_checksum(manifest)[0]
+    if algorithm not in _HASHES:
+        raise CheckpointError(
+            f"Checkpoint manifest {_display(fs, path)} uses checksum {algorithm!r}; this airflow-ray "
+            f"knows {sorted(_HASHES)}: upgrade airflow-ray where it is read",
+            _display(fs, path),
+        )
     return manifest
 
 
+def _expected_checksum(manifest: dict[str, Any]) -> tuple[str, str]:
+    """``(algorithm, hex digest)`` a manifest promises (format_version 1 had only ``sha256``)."""
+    if "checksum" in manifest:
+        algorithm, _, digest = str(manifest["checksum"]).partition(":")
+        return algorithm, digest
+    return "sha256", manifest["sha256"]
+
+
 # --------------------------------------------------------------------------------------------------
-# Hashing while streaming.
+# Checksums while streaming.
 
 
-class _StreamHash:
-    """sha256 and byte count of a stream, computed on one helper thread, in submission order.
+def _xxh3_128() -> Any:
+    import xxhash
 
-    ``hashlib`` and file/socket I/O release the GIL on large buffers, so hashing block N while
-    block N (or N+1) is written or read overlaps the two on two cores. Callers of ``submit``
-    leave the buffer untouched until ``wait`` (or ``result``) returns; at most ``max_pending``
-    blocks are in flight.
+    return xxhash.xxh3_128()
+
+
+_HASHES: dict[str, Callable[[], Any]] = {"xxh3_128": _xxh3_128, "sha256": hashlib.sha256}
+
+
+class _Checksum:
+    """Byte count and running checksum of a data file, fed block by block as it is written or read.
+
+    Hashing inline is deliberate: XXH3 runs at >10 GB/s, faster than the page cache copies, so a
+    helper thread would cost more in hand-offs than it could overlap.
     """
 
-    def __init__(self, pool: concurrent.futures.Executor, max_pending: int = 2) -> None:
-        self._pool = pool
-        self._sha = hashlib.sha256()
-        self._pending: deque[concurrent.futures.Future[Any]] = deque()
-        self._max_pending = max_pending
+    def __init__(self, algorithm: str) -> None:
+        self.algorithm = algorithm
+        self._hash = _HASHES[algorithm]()
         self.nbytes = 0
 
-    def submit(self, view: memoryview) -> None:
-        """Hash ``view`` on the helper thread (inline when small: a hand-off would cost more)."""
+    def update(self, view: memoryview) -> None:
+        self._hash.update(view)
         self.nbytes += view.nbytes
-        if view.nbytes < _THREADED_HASH_MIN:
-            self.wait()
-            self._sha.update(view)
-        else:
-            self._enqueue(self._sha.update, view)
 
-    def wait(self) -> None:
-        while self._pending:
-            self._pending.popleft().result()
-
-    def result(self) -> tuple[str, int]:
-        self.wait()
-        return self._sha.hexdigest(), self.nbytes
-
-    def _enqueue(self, fn: Callable[..., Any], *args: Any) -> None:
-        while len(self._pending) >= self._max_pending:
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(fn, *args))
+    def value(self) -> str:
+        return f"{self.algorithm}:{self._hash.hexdigest()}"
 
 
-class _HashingWriter:
-    """Write-only file object that hashes every piece on its way to ``raw``.
+class _ChecksummingWriter:
+    """Write-only file object that checksums every piece on its way to ``raw``.
 
-    Producers (the Parquet encoder, the pickler, the Arrow IPC writer) reuse their buffers once
-    ``write`` returns, so nothing is kept: a small piece is hashed inline, a large one (Arrow IPC
-    bodies) on the helper thread while it is written here. Measured on two busy cores, this beat
-    copying pieces into staging blocks for a helper thread to hash and write: the copies cost more
-    than the overlap won. ``finish`` waits for the helper; call it once the producer is done.
+    The Parquet encoder, the pickler and the Arrow IPC writer write into it directly, so the
+    bytes are never staged in a second buffer.
     """
 
-    def __init__(self, raw: Any, digest: _StreamHash) -> None:
+    def __init__(self, raw: Any, checksum: _Checksum) -> None:
         self._raw = raw
-        self._digest = digest
-        self._position = 0
+        self._checksum = checksum
         self.closed = False
 
     def write(self, data: Any) -> int:
         view = _byte_view(data)
-        self._digest.submit(view)
-        try:
-            self._raw.write(view)
-        finally:
-            self._digest.wait()
-        self._position += view.nbytes
+        self._checksum.update(view)
+        self._raw.write(view)
         return view.nbytes
-
-    def finish(self) -> None:
-        self._digest.wait()
 
     def writable(self) -> bool:
         return True
@@ -782,7 +780,7 @@ class _HashingWriter:
         return False
 
     def tell(self) -> int:
-        return self._position
+        return self._checksum.nbytes
 
     def flush(self) -> None:
         pass
@@ -799,57 +797,46 @@ def _byte_view(data: Any) -> memoryview:
     return view
 
 
-def _read_exact(raw: Any, view: memoryview, digest: _StreamHash, block_size: int) -> int:
-    """Fill ``view`` from ``raw`` in blocks, hashing each filled block while the next is read."""
+def _read_exact(raw: Any, view: memoryview, checksum: _Checksum, block_size: int) -> None:
+    """Fill ``view`` from ``raw`` in blocks (fewer at the end of a truncated file), checksumming each."""
     pos, total = 0, view.nbytes
     while pos < total:
         chunk = view[pos : pos + block_size]
         got = raw.readinto(chunk)
         if not got:
             break
-        digest.submit(chunk[:got])
+        checksum.update(chunk[:got])
         pos += got
-    return pos
 
 
 def _read_block_size(fs: AbstractFileSystem) -> int:
-    return _BLOCK_SIZE if _is_local(fs) else max(_BLOCK_SIZE, _REMOTE_READ_BLOCK)
+    return min(_BLOCK_SIZE, _LOCAL_READ_BLOCK) if _is_local(fs) else max(_BLOCK_SIZE, _REMOTE_READ_BLOCK)
 
 
 def _read_verified_buffer(
-    fs: AbstractFileSystem,
-    path: str,
-    manifest: dict[str, Any],
-    pool: concurrent.futures.Executor,
-    allocate: Callable[[int], Any],
+    fs: AbstractFileSystem, path: str, manifest: dict[str, Any], allocate: Callable[[int], Any]
 ) -> Any:
-    """The whole data file in a fresh buffer, size- and sha256-checked before anyone parses it."""
-    size = manifest["bytes"]
-    buffer = allocate(size)
-    digest = _StreamHash(pool)
+    """The whole data file in a fresh buffer, size- and checksum-checked before anyone parses it."""
+    buffer = allocate(manifest["bytes"])
+    checksum = _Checksum(_expected_checksum(manifest)[0])
     with fs.open(path, "rb", block_size=_BLOCK_SIZE, cache_type="none") as raw:
-        got = _read_exact(raw, memoryview(buffer), digest, _read_block_size(fs))
-    _check_digest(fs, path, manifest, digest, got)
+        _read_exact(raw, memoryview(buffer), checksum, _read_block_size(fs))
+    _verify(fs, path, manifest, checksum)
     return buffer
 
 
-def _check_digest(
-    fs: AbstractFileSystem, path: str, manifest: dict[str, Any], digest: _StreamHash, got: int
-) -> None:
-    _check_sums(fs, path, manifest, digest.result()[0], got)
-
-
-def _check_sums(fs: AbstractFileSystem, path: str, manifest: dict[str, Any], sha256: str, got: int) -> None:
-    if got != manifest["bytes"]:
+def _verify(fs: AbstractFileSystem, path: str, manifest: dict[str, Any], checksum: _Checksum) -> None:
+    if checksum.nbytes != manifest["bytes"]:
         raise CheckpointCorruptError(
             f"Checkpoint data file {_display(fs, path)} is truncated: "
-            f"read {got} of {manifest['bytes']} bytes",
+            f"read {checksum.nbytes} of {manifest['bytes']} bytes",
             _display(fs, path),
         )
-    if sha256 != manifest["sha256"]:
+    algorithm, expected = _expected_checksum(manifest)
+    if checksum.value() != f"{algorithm}:{expected}":
         raise CheckpointCorruptError(
-            f"Checkpoint data file {_display(fs, path)} fails its checksum: sha256 {sha256}, "
-            f"manifest says {manifest['sha256']}",
+            f"Checkpoint data file {_display(fs, path)} fails its checksum: {checksum.value()}, "
+            f"manifest says {algorithm}:{expected}",
             _display(fs, path),
         )
 
@@ -863,7 +850,7 @@ class _Plan:
     """What write_checkpoint stores for a value: format, writer and manifest details."""
 
     format: str
-    write: Callable[[Any, _StreamHash], None]
+    write: Callable[[_ChecksummingWriter], None]
     rows: int | None = None
     schema: list[dict[str, str]] | None = None
     dtype: str | None = None
@@ -914,12 +901,10 @@ def _plan_dataframe(df: Any) -> _Plan | None:
         log.info("Checkpointing DataFrame with cloudpickle: Parquet would not round-trip it (%s)", reason)
         return None
 
-    def write(raw: Any, digest: _StreamHash) -> None:
+    def write(sink: _ChecksummingWriter) -> None:
         import pyarrow.parquet as pq
 
-        sink = _HashingWriter(raw, digest)
         pq.write_table(table, sink, compression="snappy")
-        sink.finish()
 
     return _Plan(
         format="parquet",
@@ -976,11 +961,9 @@ def _table_to_frame(table: Any, options: dict[str, Any]) -> Any:
 def _plan_arrow_table(table: Any) -> _Plan:
     import pyarrow as pa
 
-    def write(raw: Any, digest: _StreamHash) -> None:
-        sink = _HashingWriter(raw, digest)
+    def write(sink: _ChecksummingWriter) -> None:
         with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
-        sink.finish()
 
     return _Plan(
         format="arrow_ipc",
@@ -1010,14 +993,10 @@ def _plan_ndarray(array: Any) -> _Plan | None:
         return None
     header_bytes = header.getvalue()
 
-    def write(raw: Any, digest: _StreamHash) -> None:
-        view = memoryview(header_bytes)
-        digest.submit(view)
-        raw.write(view)
+    def write(sink: _ChecksummingWriter) -> None:
+        sink.write(header_bytes)
         for block in _ndarray_blocks(array, header_fields["fortran_order"]):
-            digest.submit(block)  # hashed on the helper thread while the block is written
-            raw.write(block)
-        digest.wait()
+            sink.write(block)
 
     return _Plan(
         format="npy",
@@ -1050,10 +1029,8 @@ def _ndarray_blocks(array: Any, fortran_order: bool) -> Iterator[memoryview]:
 def _plan_pickle(value: Any) -> _Plan:
     pickler_name, pickler = _cloudpickle()
 
-    def write(raw: Any, digest: _StreamHash) -> None:
-        sink = _HashingWriter(raw, digest)
+    def write(sink: _ChecksummingWriter) -> None:
         pickler.dump(value, sink, protocol=5)
-        sink.finish()
 
     # len() only of builtin containers: on arbitrary objects it may be costly or lazy.
     rows = len(value) if isinstance(value, list | tuple | dict | set | frozenset) else None
@@ -1071,64 +1048,26 @@ def _cloudpickle() -> tuple[str, Any]:
     return "ray.cloudpickle", cloudpickle
 
 
-def _read_parquet(
-    fs: AbstractFileSystem, path: str, manifest: dict[str, Any], pool: concurrent.futures.Executor
-) -> Any:
-    """Parquet back to the DataFrame; the digest is checked before the frame is built.
-
-    A local file is decoded by pyarrow's native reader (its own threads, no staging buffer) while
-    the helper thread hashes the same file from the page cache. From an object store the file is
-    downloaded once into a verified buffer and decoded from memory.
-    """
+def _read_parquet(fs: AbstractFileSystem, path: str, manifest: dict[str, Any]) -> Any:
+    """Parquet back to the DataFrame, decoded from the verified bytes in memory."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    options = manifest.get("options") or {}
-    errors = (pa.ArrowException, ValueError, TypeError, OSError)
-    if _is_local(fs):
-        hashed = pool.submit(_hash_file, fs, path)
-        try:
-            table, error = pq.read_table(path), None
-        except errors as exc:
-            table, error = None, exc
-        _check_sums(fs, path, manifest, *hashed.result())  # a checksum failure explains a parse error
-        if error is not None:
-            raise _not_parquet(fs, path, error) from error
-        return _table_to_frame(table, options)
-
-    buffer = _read_verified_buffer(fs, path, manifest, pool, pa.allocate_buffer)
+    buffer = _read_verified_buffer(fs, path, manifest, pa.allocate_buffer)
     try:
         table = pq.read_table(pa.BufferReader(buffer))
-    except errors as exc:
-        raise _not_parquet(fs, path, exc) from exc
+    except (pa.ArrowException, ValueError, TypeError, OSError) as exc:
+        raise CheckpointCorruptError(
+            f"Checkpoint data file {_display(fs, path)} is not readable Parquet: {exc}", _display(fs, path)
+        ) from exc
     del buffer
-    return _table_to_frame(table, options)
+    return _table_to_frame(table, manifest.get("options") or {})
 
 
-def _not_parquet(fs: AbstractFileSystem, path: str, exc: BaseException) -> CheckpointCorruptError:
-    return CheckpointCorruptError(
-        f"Checkpoint data file {_display(fs, path)} is not readable Parquet: {exc}", _display(fs, path)
-    )
-
-
-def _hash_file(fs: AbstractFileSystem, path: str) -> tuple[str, int]:
-    """sha256 and size of a file, read through one reused block buffer (runs on the helper thread)."""
-    sha = hashlib.sha256()
-    block = memoryview(bytearray(_BLOCK_SIZE))
-    total = 0
-    with fs.open(path, "rb", block_size=_BLOCK_SIZE, cache_type="none") as raw:
-        while got := raw.readinto(block):
-            sha.update(block[:got])
-            total += got
-    return sha.hexdigest(), total
-
-
-def _read_arrow_ipc(
-    fs: AbstractFileSystem, path: str, manifest: dict[str, Any], pool: concurrent.futures.Executor
-) -> Any:
+def _read_arrow_ipc(fs: AbstractFileSystem, path: str, manifest: dict[str, Any]) -> Any:
     import pyarrow as pa
 
-    buffer = _read_verified_buffer(fs, path, manifest, pool, pa.allocate_buffer)
+    buffer = _read_verified_buffer(fs, path, manifest, pa.allocate_buffer)
     try:
         return pa.ipc.open_file(buffer).read_all()  # zero-copy views into the verified buffer
     except (pa.ArrowException, ValueError) as exc:
@@ -1138,9 +1077,7 @@ def _read_arrow_ipc(
         ) from exc
 
 
-def _read_npy(
-    fs: AbstractFileSystem, path: str, manifest: dict[str, Any], pool: concurrent.futures.Executor
-) -> Any:
+def _read_npy(fs: AbstractFileSystem, path: str, manifest: dict[str, Any]) -> Any:
     """Header parsed, then the bytes read straight into the destination array: no second copy.
 
     The header comes from one prefix read, data bytes in it go to the array too: on object stores
@@ -1149,7 +1086,7 @@ def _read_npy(
     import numpy as np
 
     size = manifest["bytes"]
-    digest = _StreamHash(pool)
+    checksum = _Checksum(_expected_checksum(manifest)[0])
     with fs.open(path, "rb", block_size=_BLOCK_SIZE, cache_type="none") as raw:
         first_read = _NPY_PREFIX_BYTES if _is_local(fs) else _read_block_size(fs)
         prefix = raw.read(min(size, first_read))
@@ -1170,7 +1107,7 @@ def _read_npy(
                 f"Checkpoint data file {_display(fs, path)} has an invalid .npy header: {exc}",
                 _display(fs, path),
             ) from exc
-        digest.submit(memoryview(prefix))
+        checksum.update(memoryview(prefix))
         array = np.empty(shape, dtype=dtype, order="F" if fortran_order else "C")
         if array.nbytes != size - header_size:
             raise CheckpointCorruptError(
@@ -1178,13 +1115,12 @@ def _read_npy(
                 f"{array.nbytes} data bytes, file holds {size - header_size}",
                 _display(fs, path),
             )
-        got = len(prefix)
         if array.nbytes:
             target = memoryview(array.ravel(order="A").view(np.uint8))
             head = len(prefix) - header_size
             target[:head] = memoryview(prefix)[header_size:]
-            got += _read_exact(raw, target[head:], digest, _read_block_size(fs))
-    _check_digest(fs, path, manifest, digest, got)
+            _read_exact(raw, target[head:], checksum, _read_block_size(fs))
+    _verify(fs, path, manifest, checksum)
     return array
 
 
@@ -1199,12 +1135,10 @@ def _npy_header_size(prefix: bytes) -> int:
     return 12 + int.from_bytes(prefix[8:12], "little")
 
 
-def _read_pickle(
-    fs: AbstractFileSystem, path: str, manifest: dict[str, Any], pool: concurrent.futures.Executor
-) -> Any:
+def _read_pickle(fs: AbstractFileSystem, path: str, manifest: dict[str, Any]) -> Any:
     import pickle
 
-    buffer = _read_verified_buffer(fs, path, manifest, pool, bytearray)
+    buffer = _read_verified_buffer(fs, path, manifest, bytearray)
     try:
         return pickle.loads(buffer)
     except (ImportError, AttributeError) as exc:
@@ -1220,7 +1154,7 @@ def _read_pickle(
         ) from exc
 
 
-_READERS: dict[str, Callable[[Any, str, dict[str, Any], concurrent.futures.Executor], Any]] = {
+_READERS: dict[str, Callable[[Any, str, dict[str, Any]], Any]] = {
     "parquet": _read_parquet,
     "arrow_ipc": _read_arrow_ipc,
     "npy": _read_npy,

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+import xxhash
 
 from airflow_ray import checkpoint, config
 from airflow_ray.checkpoint import (
@@ -66,7 +67,6 @@ def _clean_config(monkeypatch: pytest.MonkeyPatch):
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shrink the streaming block so small test data still crosses many block boundaries."""
     monkeypatch.setattr(checkpoint, "_BLOCK_SIZE", 4096)
-    monkeypatch.setattr(checkpoint, "_THREADED_HASH_MIN", 1024)
 
 
 @pytest.fixture
@@ -284,7 +284,7 @@ def test_manifest_describes_the_data_file(location, small_blocks, value):
     assert manifest == read_manifest(location)
     assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["bytes"] == len(data)
-    assert manifest["sha256"] == hashlib.sha256(data).hexdigest()
+    assert manifest["checksum"] == f"xxh3_128:{xxhash.xxh3_128(data).hexdigest()}"
     assert manifest["python_type"] == f"{type(value).__module__}.{type(value).__qualname__}"
     assert set(manifest["producer"]) >= {"python", "pyarrow", "numpy", "pandas", "airflow_ray"}
     assert manifest["producer"]["airflow_ray"] == __import__("airflow_ray.version").version.__version__
@@ -367,7 +367,7 @@ def test_truncated_file_with_matching_manifest_fails_to_parse(location):
     data_file.write_bytes(data)
     manifest_file = _dir(location) / "manifest.json"
     manifest = json.loads(manifest_file.read_text())
-    manifest.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest.update(bytes=len(data), checksum=f"xxh3_128:{xxhash.xxh3_128(data).hexdigest()}")
     manifest_file.write_text(json.dumps(manifest))
     with pytest.raises(CheckpointCorruptError, match="not readable Parquet") as info:
         read_checkpoint(location)
@@ -410,6 +410,48 @@ def test_manifest_cannot_point_outside_the_checkpoint(location):
     manifest["data_file"] = "../../../etc/passwd"
     manifest_file.write_text(json.dumps(manifest))
     with pytest.raises(CheckpointCorruptError, match="unexpected data file"):
+        read_checkpoint(location)
+
+
+def _rewrite_as_format_version_1(location: CheckpointLocation) -> None:
+    """What airflow-ray wrote before checksums moved to XXH3: ``sha256`` instead of ``checksum``."""
+    manifest_file = _dir(location) / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["checksum"]
+    manifest.update(format_version=1, sha256=hashlib.sha256(_data_file(location).read_bytes()).hexdigest())
+    manifest_file.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("value", VALUES)
+def test_format_version_1_checkpoints_read_and_verify_with_sha256(location, small_blocks, value):
+    write_checkpoint(value, location)
+    _rewrite_as_format_version_1(location)
+    assert read_manifest(location)["format_version"] == 1
+    back = read_checkpoint(location)
+    if isinstance(value, pd.DataFrame):
+        pd.testing.assert_frame_equal(back, value, check_exact=True)
+    elif isinstance(value, pa.Table):
+        assert back.equals(value)
+    elif isinstance(value, np.ndarray):
+        np.testing.assert_array_equal(back, value)
+    else:
+        assert back == value
+
+    data_file = _data_file(location)
+    data = bytearray(data_file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    data_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match="fails its checksum: sha256:"):
+        read_checkpoint(location)
+
+
+def test_unknown_checksum_algorithm_is_refused(location):
+    write_checkpoint(np.arange(10), location)
+    manifest_file = _dir(location) / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["checksum"] = "blake9:00"
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"uses checksum 'blake9'.*upgrade airflow-ray"):
         read_checkpoint(location)
 
 
