@@ -73,9 +73,12 @@ MANIFEST_NAME = "manifest.json"
 # Large blocks keep per-call overhead (Python, HTTP requests, multipart parts) negligible next to
 # the bytes moved; 32 MiB is also a valid S3 multipart part size.
 _BLOCK_SIZE = 32 * 1024 * 1024
-# Reads from object stores use fewer, larger requests: one GET streams at full speed, while some
-# S3-compatible servers (moto among them) re-read the whole object for every ranged GET.
-_REMOTE_READ_BLOCK = 512 * 1024 * 1024
+# Reads from object stores take one GET per 2 GiB, like a plain ``fs.open().readinto()``: one GET
+# streams at full speed, and some S3-compatible servers (moto among them) re-read the whole object
+# for every ranged GET (512 MiB blocks made a 1 GB read 2x slower than the plain copy on moto).
+# The price is s3fs's: it returns each GET as bytes, copied into place, so a read transiently
+# needs up to this much extra memory.
+_REMOTE_READ_BLOCK = 2 * 1024 * 1024 * 1024
 # Local reads use smaller blocks: each is checksummed right after it is read, while it is still in
 # the CPU cache (measured: 1 GB .npy read 0.81x -> 0.87x the plain copy's speed with 8 MiB).
 _LOCAL_READ_BLOCK = 8 * 1024 * 1024
@@ -168,7 +171,7 @@ def checkpoint_uri(
     """
     base = _normalize_base(base_uri)
     index = -1 if map_index is None else int(map_index)
-    parts = (_safe_component(dag_id), _safe_component(run_id), _safe_component(task_id), str(index))
+    parts = (path_component(dag_id), path_component(run_id), path_component(task_id), str(index))
     return f"{base}/{'/'.join(parts)}/"
 
 
@@ -362,7 +365,7 @@ def read_checkpoint(
 
 
 def delete_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Delete one checkpoint directory; a missing one is not an error.
+    """Delete one checkpoint directory, or a directory of them; a missing one is not an error.
 
     The manifest goes first, so an interrupted delete leaves a checkpoint that reads as not found
     rather than one that reads as corrupt.
@@ -379,6 +382,46 @@ def delete_run_checkpoints(
     run_dir = checkpoint_uri(base_uri, dag_id=dag_id, run_id=run_id, task_id="x").rsplit("/", 3)[0]
     fs, run_path = _open_fs(run_dir, storage_options or {})
     _remove_tree(fs, run_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCheckpoints:
+    """One DAG run's checkpoint directory, ``<base>/<dag>/<run>/``, as found on the store.
+
+    ``dag`` and ``run`` are directory names, which spell ids as :func:`path_component` does.
+    """
+
+    uri: str
+    dag: str
+    run: str
+    newest_written: datetime.datetime | None
+    """``created_at`` of the newest manifest below it; None when it holds no complete checkpoint."""
+
+
+def list_run_checkpoints(
+    base_uri: str, storage_options: dict[str, Any] | None = None
+) -> Iterator[RunCheckpoints]:
+    """Every run directory under ``base_uri`` with the age of its newest checkpoint (retention)."""
+    fs, root = _open_fs(base_uri, storage_options or {})
+    base = _normalize_base(base_uri)
+    for dag_path in _subdirectories(fs, root):
+        for run_path in _subdirectories(fs, dag_path):
+            written = [
+                datetime.datetime.fromisoformat(json.loads(fs.cat_file(path))["created_at"])
+                for path in fs.find(run_path)
+                if path.endswith("/" + MANIFEST_NAME)
+            ]
+            dag, run = dag_path.rsplit("/", 1)[-1], run_path.rsplit("/", 1)[-1]
+            yield RunCheckpoints(f"{base}/{dag}/{run}/", dag, run, max(written, default=None))
+
+
+def path_component(value: str) -> str:
+    """How an id is spelled as a directory name in checkpoint paths (see :func:`checkpoint_uri`)."""
+    value = str(value)
+    if _SAFE_COMPONENT.fullmatch(value) and not value.startswith("."):
+        return value
+    cleaned = _UNSAFE_CHARS.sub("_", value).lstrip(".") or "_"
+    return f"{cleaned}-{hashlib.sha256(value.encode()).hexdigest()[:8]}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -612,14 +655,6 @@ def _protocol_of(uri: str) -> str:
     return uri.split("://", 1)[0].lower() if "://" in uri else "file"
 
 
-def _safe_component(value: str) -> str:
-    value = str(value)
-    if _SAFE_COMPONENT.fullmatch(value) and not value.startswith("."):
-        return value
-    cleaned = _UNSAFE_CHARS.sub("_", value).lstrip(".") or "_"
-    return f"{cleaned}-{hashlib.sha256(value.encode()).hexdigest()[:8]}"
-
-
 def _uri_and_options(
     location_or_uri: CheckpointLocation | str, storage_options: dict[str, Any] | None
 ) -> tuple[str, dict[str, Any]]:
@@ -655,6 +690,14 @@ def _remove_quietly(fs: AbstractFileSystem, path: str) -> None:
 def _remove_tree(fs: AbstractFileSystem, path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         fs.rm(path, recursive=True)
+
+
+def _subdirectories(fs: AbstractFileSystem, path: str) -> list[str]:
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return [e["name"].rstrip("/") for e in entries if e["type"] == "directory"]
 
 
 def _remove_stale_data_files(fs: AbstractFileSystem, dir_path: str, keep: str) -> None:

@@ -63,31 +63,22 @@ def expire_checkpoints(
 
     :returns: counts of ``kept`` and ``deleted`` run directories.
     """
-    import datetime
-    import json
     import time
 
     from airflow_ray import checkpoint
 
     now = time.time() if now is None else now
     live = _run_directories(session)
-    fs, root = checkpoint._open_fs(base_uri, storage_options or {})
     kept = deleted = 0
-    for dag_dir in _subdirectories(fs, root):
-        for run_dir in _subdirectories(fs, dag_dir):
-            names = (dag_dir.rsplit("/", 1)[-1], run_dir.rsplit("/", 1)[-1])
-            written = [
-                datetime.datetime.fromisoformat(json.loads(fs.cat_file(path))["created_at"]).timestamp()
-                for path in fs.find(run_dir)
-                if path.endswith("/" + checkpoint.MANIFEST_NAME)
-            ]
-            expired = retention_seconds > 0 and now - max(written, default=0.0) > retention_seconds
-            if names in live and not expired:
-                kept += 1
-                continue
-            deleted += 1
-            if not dry_run:
-                checkpoint._remove_tree(fs, run_dir)
+    for run in checkpoint.list_run_checkpoints(base_uri, storage_options):
+        written = run.newest_written.timestamp() if run.newest_written else 0.0
+        expired = retention_seconds > 0 and now - written > retention_seconds
+        if (run.dag, run.run) in live and not expired:
+            kept += 1
+            continue
+        deleted += 1
+        if not dry_run:
+            checkpoint.delete_checkpoint(run.uri, storage_options)
     return {"kept": kept, "deleted": deleted}
 
 
@@ -96,24 +87,16 @@ def _run_directories(session: Any) -> set[tuple[str, str]]:
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
 
-    from airflow_ray.checkpoint import _safe_component
+    from airflow_ray.checkpoint import path_component
 
     def scan(s: Any) -> set[tuple[str, str]]:
         rows = s.query(DagRun.dag_id, DagRun.run_id).yield_per(1000)
-        return {(_safe_component(dag_id), _safe_component(run_id)) for dag_id, run_id in rows}
+        return {(path_component(dag_id), path_component(run_id)) for dag_id, run_id in rows}
 
     if session is not None:
         return scan(session)
     with create_session() as s:
         return scan(s)
-
-
-def _subdirectories(fs: Any, path: str) -> list[str]:
-    try:
-        entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return []
-    return [e["name"].rstrip("/") for e in entries if e["type"] == "directory"]
 
 
 def _owner_names(namespace: str) -> list[str]:

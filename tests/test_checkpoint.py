@@ -496,6 +496,25 @@ def test_delete_checkpoint_and_run(tmp_path):
     assert read_checkpoint(locs["run-2", "a"]) == [1, 2, 3]
 
 
+def test_list_run_checkpoints_finds_each_run_with_its_newest_write(tmp_path):
+    base = tmp_path.as_uri()
+    run_id = "manual__2024-01-01T00:00:00+00:00"
+    write_checkpoint([1], CheckpointLocation(checkpoint_uri(base, dag_id="d", run_id=run_id, task_id="a")))
+    newest = write_checkpoint(
+        [2], CheckpointLocation(checkpoint_uri(base, dag_id="d", run_id=run_id, task_id="b"))
+    )
+    (tmp_path / "e" / "interrupted" / "t" / "-1").mkdir(parents=True)  # no manifest yet
+
+    runs = {(run.dag, run.run): run for run in checkpoint.list_run_checkpoints(base)}
+    assert set(runs) == {("d", checkpoint.path_component(run_id)), ("e", "interrupted")}
+    found = runs["d", checkpoint.path_component(run_id)]
+    assert found.newest_written == datetime.datetime.fromisoformat(newest["created_at"])
+    assert runs["e", "interrupted"].newest_written is None
+    delete_checkpoint(found.uri)
+    assert not (tmp_path / "d" / checkpoint.path_component(run_id)).exists()
+    assert list(checkpoint.list_run_checkpoints((tmp_path / "nothing").as_uri())) == []
+
+
 # ------------------------------------------------------------------------------------------------
 # Locations: layout, secrecy, resolution order.
 
