@@ -1,16 +1,22 @@
-"""An Airflow listener that tells the XCom backend what the running task asks for.
+"""Airflow listeners of airflow-ray, registered by :class:`airflow_ray.plugin.AirflowRayPlugin`.
 
-Airflow pushes a task's return value after it has left the task's context, so the XCom
-backend cannot look up the task's ``default_args`` then. This listener runs inside that context,
-as the task starts, and hands the backend what it will need at push time (checkpoint settings
-of plain ``@task`` s). Registered by :class:`airflow_ray.plugin.AirflowRayPlugin`.
+* As a task starts: Airflow pushes a task's return value after it has left the task's context,
+  so the XCom backend cannot look up the task's ``default_args`` then. This listener runs inside
+  that context and hands the backend what it will need at push time (checkpoint settings of
+  plain ``@task`` s).
+* As a scheduler starts: Ray is imported before the LocalExecutor forks its workers (see
+  :func:`on_starting`).
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any
 
 from airflow.listeners import hookimpl
+
+log = logging.getLogger(__name__)
 
 
 @hookimpl
@@ -18,3 +24,44 @@ def on_task_instance_running(previous_state: Any, task_instance: Any) -> None:
     from airflow_ray import xcom
 
     xcom.task_starting(task_instance)
+
+
+@hookimpl
+def on_starting(component: Any) -> None:
+    """Import Ray into a scheduler before its LocalExecutor forks the processes that run tasks.
+
+    With the fork start method the executor's workers are forked from the scheduler after this
+    hook (``Job.__init__`` calls it, ``executor.start()`` comes later) and fork every task
+    process in turn, so each task process inherits Ray already imported instead of paying
+    ``import ray`` (about 1 s here) itself. Importing Ray starts no thread, so forking after it
+    is safe; connecting (``ray.init``) stays in the task process. ``[ray] preload_in_scheduler``
+    turns it off.
+    """
+    if not _is_scheduler_job(component) or not _forks_local_tasks():
+        return
+    from airflow_ray import config
+
+    if config.preload_in_scheduler():
+        import ray
+
+        from airflow_ray import hooks, store, tasks  # noqa: F401  (what a Ray task's process uses)
+
+        log.info("airflow-ray: Ray %s imported before the LocalExecutor forks its workers", ray.__version__)
+
+
+def _is_scheduler_job(component: Any) -> bool:
+    """A scheduler's Job, told by the command line: the hook runs before the Job knows its type.
+
+    Task processes forked by the scheduler's executor keep its command line, but what they start
+    is no Job (and ``airflow.jobs.job`` is only loaded where Jobs are).
+    """
+    job_module = sys.modules.get("airflow.jobs.job")
+    return job_module is not None and isinstance(component, job_module.Job) and sys.argv[1:2] == ["scheduler"]
+
+
+def _forks_local_tasks() -> bool:
+    import multiprocessing
+
+    from airflow.configuration import conf
+
+    return multiprocessing.get_start_method() == "fork" and "LocalExecutor" in conf.get("core", "executor")

@@ -16,6 +16,8 @@ small int on): one of ``@task``, one of ``@ray_task``, and starts a private embe
 2. **LocalExecutor**: ``api-server`` + ``scheduler`` + ``dag-processor`` on loopback ports, so
    each task instance is its own process: a ``@ray_task`` then also pays ``ray.init`` (connect
    to the running head) in every task. The first task of each chain is left out (cold caches).
+   The stack runs twice: with ``[ray] preload_in_scheduler`` off (every task process imports
+   Ray itself) and on (the default: task processes inherit Ray imported by the scheduler).
 
 Target (issue 2): a ``@ray_task`` adds <= 0.3 s median per task once the cluster is up.
 Numbers are medians over all tasks of all timed runs; "added" = ray - plain for the median and
@@ -86,7 +88,8 @@ def main() -> None:
         common.log(f"Ray head up in {results['ray_start_s']:.1f} s")
         results["dag_test"] = _dag_test_section(home, args)
         if not args.no_local_executor:
-            results["local_executor"] = _local_executor_section(home, env, args)
+            for preload in (False, True):
+                results[_local_key(preload)] = _local_executor_section(home, env, args, preload)
     finally:
         common.stop_ray()
     _report(results, args)
@@ -126,10 +129,17 @@ def _run_once(dag: Any) -> tuple[list[float], float]:
     return [ti["duration"] for ti in tis.values()], wall
 
 
-def _local_executor_section(home: Path, env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+def _local_key(preload: bool) -> str:
+    return "local_executor" if preload else "local_executor_no_preload"
+
+
+def _local_executor_section(
+    home: Path, env: dict[str, str], args: argparse.Namespace, preload: bool
+) -> dict[str, Any]:
     samples: dict[str, dict[str, list[float]]] = {}
-    common.log("LocalExecutor: starting api-server, scheduler, dag-processor")
+    common.log(f"LocalExecutor, preload_in_scheduler={preload}: starting the services")
     started = time.perf_counter()
+    env = {**env, "AIRFLOW__RAY__PRELOAD_IN_SCHEDULER": str(preload)}
     with common.LocalExecutorStack(env, home, parallelism=2) as stack:
         stack.wait_parsed(["overhead_local_plain", "overhead_local_ray"])
         common.log(f"LocalExecutor stack up and DAGs parsed in {time.perf_counter() - started:.0f} s")
@@ -161,13 +171,15 @@ def _report(results: dict[str, Any], args: argparse.Namespace) -> None:
     print()
     print(f"Ray head start: {results['ray_start_s']:.1f} s (not included below)")
     sections = [("dag_test", f"dag.test(), {args.n} chained tasks x {args.repeats} runs, one process")]
-    if "local_executor" in results:
-        sections.append(
-            (
-                "local_executor",
-                f"LocalExecutor, {args.local_n} chained tasks (first dropped), one process per task",
+    for preload in (False, True):
+        if _local_key(preload) in results:
+            sections.append(
+                (
+                    _local_key(preload),
+                    f"LocalExecutor, preload_in_scheduler={preload}, {args.local_n} chained tasks "
+                    "(first dropped), one process per task",
+                )
             )
-        )
     for key, title in sections:
         samples = results[key]
         rows = []

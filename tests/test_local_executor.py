@@ -36,6 +36,15 @@ def test_objects_outlive_their_producers(airflow_services):
     assert raw["object_id"] in held, "the owner holds the run's objects after every producer exited"
 
 
+def test_task_processes_start_with_ray_imported_by_the_scheduler(airflow_services):
+    """``[ray] preload_in_scheduler``: the LocalExecutor's forked task processes inherit ``import ray``."""
+    airflow_services.trigger("cross_process", "xp-preload")
+    airflow_services.wait_for_run("cross_process", "xp-preload")
+    assert airflow_services.xcom("cross_process", "xp-preload", "produce", key="ray_preloaded") is True
+    scheduler_log = (airflow_services.logs / "scheduler.log").read_text()
+    assert "imported before the LocalExecutor forks its workers" in scheduler_log
+
+
 def test_clear_rerun_and_delete_return_the_object_store_to_baseline(airflow_services, ray_cluster):
     """Object store bytes as the raylet reports them: a re-run replaces, a deleted run is freed."""
     import sqlite3

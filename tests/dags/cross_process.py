@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 from airflow.sdk import dag, task
@@ -14,7 +15,10 @@ from airflow_ray import ray_task
 def cross_process():
     @task(multiple_outputs=True)
     def produce() -> dict:
-        return {"data": np.arange(2_000_000, dtype=np.float64), "pid": os.getpid()}
+        # Nothing this task's process ran so far imports Ray: only the scheduler's preload can.
+        preloaded = "ray" in sys.modules
+        data = np.arange(2_000_000, dtype=np.float64)
+        return {"data": data, "pid": os.getpid(), "ray_preloaded": preloaded}
 
     @ray_task(num_cpus=0.5)
     def transform(data: np.ndarray) -> np.ndarray:
