@@ -49,6 +49,7 @@ LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
 _START_TIMEOUT_S = 120.0
 _LOCK_TIMEOUT_S = 300.0
 _START_ATTEMPTS = 2
+_KEEPER_TIMEOUT_S = 90.0
 
 
 @dataclass(frozen=True)
@@ -260,10 +261,44 @@ def _start() -> LocalCluster:
         temp_dir=temp_dir,
         started_at=time.time(),
     )
+    # Before the state file: no task may find the cluster and create an owner before the keeper.
+    _start_keeper(cluster, env)
     tmp = _state_file().with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(cluster), indent=2))
     tmp.replace(_state_file())
     return cluster
+
+
+def _start_keeper(cluster: LocalCluster, env: dict[str, str]) -> None:
+    """Start the driver that creates the owner actors and keeps their Ray job alive.
+
+    See :mod:`airflow_ray.keeper`. Without it everything still works, each Ray task only
+    waits for a fresh worker process, so a keeper that fails to start is a warning.
+    """
+    import logging
+
+    directory = config.local_cluster_dir()
+    ready = directory / "keeper.ready"
+    ready.unlink(missing_ok=True)
+    log_path = directory / "keeper.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "airflow_ray.keeper", cluster.address, cluster.temp_dir, str(ready)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + _KEEPER_TIMEOUT_S
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            logging.getLogger(__name__).warning(
+                "The embedded cluster's keeper did not start (see %s): Ray tasks will start a new "
+                "worker process each",
+                log_path,
+            )
+            return
+        time.sleep(0.2)
 
 
 def _terminate_processes(temp_dir: str, address: str) -> None:

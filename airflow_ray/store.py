@@ -135,10 +135,17 @@ def owner_name(dag_id: str, run_id: str) -> str:
     """
     from airflow_ray import config
     from airflow_ray.owner import shard_for
+
+    return owner_names()[shard_for(dag_id, run_id, config.owner_shards())]
+
+
+def owner_names() -> list[str]:
+    """The names of all owner shards of this version of the code, shard 0 first."""
+    from airflow_ray import config
     from airflow_ray.version import __version__
 
-    shard = shard_for(dag_id, run_id, config.owner_shards())
-    return f"{OWNER_PREFIX}{__version__}-{_ray_side_code_hash()}-{shard}"
+    prefix = f"{OWNER_PREFIX}{__version__}-{_ray_side_code_hash()}"
+    return [f"{prefix}-{shard}" for shard in range(config.owner_shards())]
 
 
 def get_owner(name: str, *, create: bool = False) -> Any:

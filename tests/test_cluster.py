@@ -119,6 +119,20 @@ def test_cli_status_prints_address_resources_and_object_store(started, cluster_e
 
 
 @pytest.mark.slow
+def test_keeper_created_the_owners_and_runs_with_the_cluster(started, cluster_env):
+    """The keeper driver (see airflow_ray.keeper) is one of the cluster's processes, so ``stop``
+    ends it (checked by the next test), and it created every owner shard before the cluster
+    was announced."""
+    from airflow_ray import store
+
+    (cluster, _) = started
+    keepers = [p for p in _cluster_processes(cluster) if "airflow_ray.keeper" in " ".join(p.cmdline())]
+    assert len(keepers) == 1
+    ready = Path(cluster_env["AIRFLOW__RAY__LOCAL_CLUSTER_DIR"]) / "keeper.ready"
+    assert ready.read_text().split() == store.owner_names()
+
+
+@pytest.mark.slow
 def test_cli_stop_stops_exactly_that_cluster(started, cluster_env, ray_cluster):
     import ray
 

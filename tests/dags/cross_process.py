@@ -29,8 +29,17 @@ def cross_process():
     def consume(doubled: np.ndarray, producer_pid: int) -> dict:
         return {"sum": float(doubled.sum()), "producer_pid": producer_pid, "consumer_pid": os.getpid()}
 
+    @ray_task(num_cpus=0.5)
+    def worker_pid() -> int:
+        return os.getpid()
+
+    @ray_task(num_cpus=0.5)
+    def worker_pid_again(first: int) -> dict:
+        return {"first": first, "again": os.getpid()}
+
     out = produce()
     consume(transform(out["data"]), out["pid"])
+    worker_pid_again(worker_pid())
 
 
 cross_process_dag = cross_process()

@@ -1,0 +1,40 @@
+"""The embedded cluster's keeper: the driver that creates the owner actors and stays connected.
+
+A detached actor belongs to the Ray job of the driver that created it, and Ray kills the idle
+workers of a finished job. An owner created by an Airflow task process (a driver that exits
+with its task) therefore needs a new worker process for every later task it runs: 1.7-2.5 s
+each on a loaded 2-core machine, paid by every ``@ray_task`` under the LocalExecutor. An owner
+created by a driver that stays connected reuses its idle workers (5 ms a call, measured).
+
+:func:`airflow_ray.cluster.start` runs ``python -m airflow_ray.keeper <address> <temp dir>
+<ready file>`` after ``ray start --head``: it connects, creates every owner shard, writes the
+ready file and waits. It ends with the cluster: :func:`airflow_ray.cluster.stop` kills the
+processes whose command line names the cluster's temp dir, this one included. Owners it did
+not create (a new code version, an owner restarted after a crash) are created by the task
+that needs them, as on any other cluster: correct, only slower.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+
+def main(argv: list[str]) -> None:
+    address, _temp_dir, ready_file = argv
+    import ray
+
+    from airflow_ray import config, store
+
+    ray.init(address=address, namespace=config.namespace(), log_to_driver=False, configure_logging=False)
+    owners = [store.get_owner(name, create=True) for name in store.owner_names()]
+    ray.get([owner.stats.remote() for owner in owners])  # created and answering
+    ready = Path(ready_file)
+    ready.with_suffix(".tmp").write_text("\n".join(store.owner_names()))
+    ready.with_suffix(".tmp").replace(ready)
+    threading.Event().wait()  # until the cluster stops and kills this process
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
