@@ -83,6 +83,16 @@ def _data_file(location: CheckpointLocation) -> Path:
     return _dir(location) / manifest["data_file"]
 
 
+def _edit_manifest(location: CheckpointLocation, drop: tuple[str, ...] = (), **changes: object) -> None:
+    """Rewrite the manifest as a damaged, older or newer checkpoint would have it."""
+    manifest_file = _dir(location) / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    for key in drop:
+        del manifest[key]
+    manifest.update(changes)
+    manifest_file.write_text(json.dumps(manifest))
+
+
 def _mixed_frame(rows: int = 3000) -> pd.DataFrame:
     rng = np.random.default_rng(0)
     return pd.DataFrame(
@@ -365,10 +375,7 @@ def test_truncated_file_with_matching_manifest_fails_to_parse(location):
     data_file = _data_file(location)
     data = data_file.read_bytes()[:-50]
     data_file.write_bytes(data)
-    manifest_file = _dir(location) / "manifest.json"
-    manifest = json.loads(manifest_file.read_text())
-    manifest.update(bytes=len(data), checksum=f"xxh3_128:{xxhash.xxh3_128(data).hexdigest()}")
-    manifest_file.write_text(json.dumps(manifest))
+    _edit_manifest(location, bytes=len(data), checksum=f"xxh3_128:{xxhash.xxh3_128(data).hexdigest()}")
     with pytest.raises(CheckpointCorruptError, match="not readable Parquet") as info:
         read_checkpoint(location)
     assert str(data_file) in str(info.value)
@@ -405,27 +412,17 @@ def test_unparsable_manifest_is_corrupt(location):
 
 def test_manifest_cannot_point_outside_the_checkpoint(location):
     write_checkpoint(np.arange(10), location)
-    manifest_file = _dir(location) / "manifest.json"
-    manifest = json.loads(manifest_file.read_text())
-    manifest["data_file"] = "../../../etc/passwd"
-    manifest_file.write_text(json.dumps(manifest))
+    _edit_manifest(location, data_file="../../../etc/passwd")
     with pytest.raises(CheckpointCorruptError, match="unexpected data file"):
         read_checkpoint(location)
-
-
-def _rewrite_as_format_version_1(location: CheckpointLocation) -> None:
-    """What airflow-ray wrote before checksums moved to XXH3: ``sha256`` instead of ``checksum``."""
-    manifest_file = _dir(location) / "manifest.json"
-    manifest = json.loads(manifest_file.read_text())
-    del manifest["checksum"]
-    manifest.update(format_version=1, sha256=hashlib.sha256(_data_file(location).read_bytes()).hexdigest())
-    manifest_file.write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("value", VALUES)
 def test_format_version_1_checkpoints_read_and_verify_with_sha256(location, small_blocks, value):
     write_checkpoint(value, location)
-    _rewrite_as_format_version_1(location)
+    # what airflow-ray wrote before checksums moved to XXH3: ``sha256`` instead of ``checksum``
+    sha256 = hashlib.sha256(_data_file(location).read_bytes()).hexdigest()
+    _edit_manifest(location, drop=("checksum",), format_version=1, sha256=sha256)
     assert read_manifest(location)["format_version"] == 1
     back = read_checkpoint(location)
     if isinstance(value, pd.DataFrame):
@@ -447,20 +444,14 @@ def test_format_version_1_checkpoints_read_and_verify_with_sha256(location, smal
 
 def test_unknown_checksum_algorithm_is_refused(location):
     write_checkpoint(np.arange(10), location)
-    manifest_file = _dir(location) / "manifest.json"
-    manifest = json.loads(manifest_file.read_text())
-    manifest["checksum"] = "blake9:00"
-    manifest_file.write_text(json.dumps(manifest))
+    _edit_manifest(location, checksum="blake9:00")
     with pytest.raises(CheckpointError, match=r"uses checksum 'blake9'.*upgrade airflow-ray"):
         read_checkpoint(location)
 
 
 def test_newer_format_version_is_refused(location):
     write_checkpoint(np.arange(10), location)
-    manifest_file = _dir(location) / "manifest.json"
-    manifest = json.loads(manifest_file.read_text())
-    manifest["format_version"] = FORMAT_VERSION + 1
-    manifest_file.write_text(json.dumps(manifest))
+    _edit_manifest(location, format_version=FORMAT_VERSION + 1)
     with pytest.raises(CheckpointError, match="upgrade airflow-ray"):
         read_checkpoint(location)
 
