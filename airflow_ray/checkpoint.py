@@ -253,11 +253,11 @@ def write_checkpoint(value: Any, location: CheckpointLocation, *, blocks: bool =
     to Arrow tables): it is written as one table, and restored as a one-block dataset.
 
     The data streams to the store in large blocks and is checksummed on the way, so a 1 GB output
-    is never copied whole in memory nor read back. Order makes it safe
-    to retry: the old manifest is removed first, the data file written under its stable name, any
-    data file of another format left by an earlier attempt removed, and ``manifest.json`` written
-    last. A checkpoint without a manifest is incomplete and reads as not found. Returns once every
-    file is closed (uploads completed); local files are not fsync-ed.
+    is never copied whole in memory nor read back. Order makes it safe to retry: the old manifest
+    is removed first, the data file written under its stable name, any data file of another
+    format left by an earlier attempt removed, and ``manifest.json`` written last. A checkpoint
+    without a manifest is incomplete and reads as not found. Returns once every file is closed
+    (uploads completed); local files are not fsync-ed.
 
     Manifest keys: ``format_version``, ``format`` (``parquet``/``arrow_ipc``/``npy``/``pickle``),
     ``data_file``, ``python_type``, ``bytes``, ``checksum``, ``rows``, ``schema`` (Arrow fields, for
