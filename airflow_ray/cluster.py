@@ -4,6 +4,8 @@ The cluster is a detached ``ray start --head`` on 127.0.0.1 that outlives the Ai
 that started it, so later tasks share it and its object store (a private cluster per task
 would take every object down with it). Starting is serialised with a file lock, so two tasks
 that start at once end up with one cluster, and the address is kept in a small state file.
+With the head starts the keeper (:mod:`airflow_ray.keeper`), a driver that creates the owner
+actors and stays connected so that Ray keeps their workers between tasks.
 
 Two Ray details shape this module (measured on Ray 2.60):
 
