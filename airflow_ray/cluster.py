@@ -264,7 +264,8 @@ def _start() -> LocalCluster:
         started_at=time.time(),
     )
     # Before the state file: no task may find the cluster and create an owner before the keeper.
-    _start_keeper(cluster, env)
+    if config.local_cluster_keeper():
+        _start_keeper(cluster, env)
     tmp = _state_file().with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(cluster), indent=2))
     tmp.replace(_state_file())

@@ -91,6 +91,7 @@ def test_cluster_loss_then_rerun_of_the_consumers_restores_identical_data(run_da
     # A private embedded cluster for this test, so the session's head is not the one stopped.
     monkeypatch.setenv("AIRFLOW__RAY__LOCAL_CLUSTER_DIR", str(tmp_path / "cluster"))
     monkeypatch.setenv("AIRFLOW__RAY__LOCAL_CLUSTER_DASHBOARD", "False")  # starts twice as fast
+    monkeypatch.setenv("AIRFLOW__RAY__LOCAL_CLUSTER_KEEPER", "False")  # and faster without a keeper
     config.clear_caches()
     ray.shutdown()  # the next task connects anew, to the private cluster
     try:

@@ -34,6 +34,7 @@ def cluster_env(tmp_path_factory) -> dict[str, str]:
         AIRFLOW__RAY__LOCAL_CLUSTER_DIR=str(tmp_path_factory.mktemp("second_cluster")),
         AIRFLOW__RAY__LOCAL_CLUSTER_NUM_CPUS="1",
         AIRFLOW__RAY__LOCAL_CLUSTER_OBJECT_STORE_BYTES=str(200 * 1024**2),
+        AIRFLOW__RAY__LOCAL_CLUSTER_KEEPER="False",  # the session's cluster has one (tested below)
     )
     return env
 
@@ -118,18 +119,21 @@ def test_cli_status_prints_address_resources_and_object_store(started, cluster_e
     assert info["object_store_used_bytes"] >= 0
 
 
-@pytest.mark.slow
-def test_keeper_created_the_owners_and_runs_with_the_cluster(started, cluster_env):
-    """The keeper driver (see airflow_ray.keeper) is one of the cluster's processes, so ``stop``
-    ends it (checked by the next test), and it created every owner shard before the cluster
-    was announced."""
-    from airflow_ray import store
+def test_keeper_created_the_owners_and_runs_with_the_cluster(ray_cluster):
+    """The session's cluster has its keeper driver (see airflow_ray.keeper) among the cluster's
+    processes, which ``stop`` ends, and the keeper created every owner shard; a cluster started
+    with ``[ray] local_cluster_keeper = False`` (the one of this module) has none."""
+    from airflow_ray import config, store
 
+    assert len(_keepers(ray_cluster)) == 1
+    assert (config.local_cluster_dir() / "keeper.ready").read_text().split() == store.owner_names()
+
+
+@pytest.mark.slow
+def test_keeper_can_be_turned_off(started):
     (cluster, _) = started
-    keepers = [p for p in _cluster_processes(cluster) if "airflow_ray.keeper" in " ".join(p.cmdline())]
-    assert len(keepers) == 1
-    ready = Path(cluster_env["AIRFLOW__RAY__LOCAL_CLUSTER_DIR"]) / "keeper.ready"
-    assert ready.read_text().split() == store.owner_names()
+    assert _cluster_processes(cluster)
+    assert not _keepers(cluster)
 
 
 @pytest.mark.slow
@@ -201,6 +205,10 @@ def _cluster_processes(cluster: LocalCluster | None) -> list:
             if proc.status() != psutil.STATUS_ZOMBIE:
                 alive.append(proc)
     return alive
+
+
+def _keepers(cluster: LocalCluster) -> list:
+    return [p for p in _cluster_processes(cluster) if "airflow_ray.keeper" in " ".join(p.cmdline())]
 
 
 def _is_loopback(host: str) -> bool:
