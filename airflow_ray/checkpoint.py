@@ -379,7 +379,7 @@ def delete_run_checkpoints(
     base_uri: str, dag_id: str, run_id: str, storage_options: dict[str, Any] | None = None
 ) -> None:
     """Delete every checkpoint of one DAG run under ``base_uri`` (retention, run deletion)."""
-    run_dir = checkpoint_uri(base_uri, dag_id=dag_id, run_id=run_id, task_id="x").rsplit("/", 3)[0]
+    run_dir = f"{_normalize_base(base_uri)}/{path_component(dag_id)}/{path_component(run_id)}"
     fs, run_path = _open_fs(run_dir, storage_options or {})
     _remove_tree(fs, run_path)
 

@@ -28,10 +28,11 @@ def main(argv: list[str]) -> None:
     from airflow_ray import config, store
 
     ray.init(address=address, namespace=config.namespace(), log_to_driver=False, configure_logging=False)
-    owners = [store.get_owner(name, create=True) for name in store.owner_names()]
+    names = store.owner_names()
+    owners = [store.get_owner(name, create=True) for name in names]
     ray.get([owner.stats.remote() for owner in owners])  # created and answering
     ready = Path(ready_file)
-    ready.with_suffix(".tmp").write_text("\n".join(store.owner_names()))
+    ready.with_suffix(".tmp").write_text("\n".join(names))
     ready.with_suffix(".tmp").replace(ready)
     threading.Event().wait()  # until the cluster stops and kills this process
 
