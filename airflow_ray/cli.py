@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 def _gc(*, dry_run: bool, bases: list[str], source: str | None) -> int:
     from airflow_ray import checkpoint, config, retention
     from airflow_ray.hooks import RayHook
-    from airflow_ray.xcom import XCOM_RAY_CONN_ID
+    from airflow_ray.xcom.backend import XCOM_RAY_CONN_ID
 
     RayHook(XCOM_RAY_CONN_ID).connect()
     counts = retention.collect(dry_run=dry_run)

@@ -1,34 +1,18 @@
-"""Exceptions raised by airflow-ray.
-
-Each one carries a message that names what failed (task, address, resource, object) and how
-to recover, because these errors surface in an Airflow task log read by someone who did not
-write the DAG.
-"""
+"""Deprecated: the exceptions moved to :mod:`airflow_ray.exceptions` (Airflow providers' name)."""
 
 from __future__ import annotations
 
-from airflow.sdk.exceptions import AirflowException
+import warnings
+from typing import Any
 
 
-class RayConnectionError(AirflowException):
-    """The Ray cluster could not be reached (wrong address, cluster down, version mismatch)."""
+def __getattr__(name: str) -> Any:
+    from airflow_ray import exceptions
 
-
-class RayAuthenticationError(RayConnectionError):
-    """The cluster rejected our token (Ray token authentication)."""
-
-
-class InfeasibleResourcesError(AirflowException):
-    """No node of the cluster can ever satisfy the task's resource request."""
-
-
-class RaySerializationError(AirflowException):
-    """An argument or return value of a Ray task cannot be pickled."""
-
-
-class RayTaskError(AirflowException):
-    """The function raised on the Ray worker; the message holds the remote traceback."""
-
-
-class RayObjectLostError(AirflowException):
-    """An upstream task's output is no longer in Ray's object store and cannot be restored."""
+    value = getattr(exceptions, name)  # RayTaskError warns once more, with its own message
+    warnings.warn(
+        f"airflow_ray.errors is deprecated: import {name} from airflow_ray.exceptions",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return value

@@ -31,9 +31,11 @@ def get_provider_info() -> dict[str, Any]:
                 ],
             }
         ],
-        "hooks": [{"integration-name": "Ray", "python-modules": ["airflow_ray.hooks", "airflow_ray.jobs"]}],
-        "triggers": [{"integration-name": "Ray", "python-modules": ["airflow_ray.triggers"]}],
-        "extra-links": ["airflow_ray.links.RayDashboardLink"],
+        "hooks": [
+            {"integration-name": "Ray", "python-modules": ["airflow_ray.hooks.ray", "airflow_ray.hooks.job"]}
+        ],
+        "triggers": [{"integration-name": "Ray", "python-modules": ["airflow_ray.triggers.job"]}],
+        "extra-links": ["airflow_ray.links.dashboard.RayDashboardLink"],
         "connection-types": [
             {
                 "hook-class-name": "airflow_ray.hooks.RayHook",
@@ -72,7 +74,7 @@ def get_provider_info() -> dict[str, Any]:
                 },
             }
         ],
-        "task-decorators": [{"class-name": "airflow_ray.decorators.ray_task", "name": "ray"}],
+        "task-decorators": [{"class-name": "airflow_ray.decorators.ray.ray_task", "name": "ray"}],
         "config": {
             SECTION: {
                 "description": "airflow-ray: Ray clusters, the Ray XCom backend and checkpoints.",

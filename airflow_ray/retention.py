@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow_ray.store import OWNER_PREFIX
-from airflow_ray.xcom import references_in
+from airflow_ray.xcom.backend import references_in
 
 
 def collect(session: Any = None, *, dry_run: bool = False) -> dict[str, int]:

@@ -134,7 +134,7 @@ def owner_name(dag_id: str, run_id: str) -> str:
     that code (an upgrade, a patch) gets a fresh actor instead of an old one by name.
     """
     from airflow_ray import config
-    from airflow_ray.owner import shard_for
+    from airflow_ray._worker.owner import shard_for
 
     return owner_names()[shard_for(dag_id, run_id, config.owner_shards())]
 
@@ -158,7 +158,7 @@ def get_owner(name: str, *, create: bool = False) -> Any:
         return cached
     ship_ray_side_code()
     if create:
-        from airflow_ray.owner import Owner
+        from airflow_ray._worker.owner import Owner
 
         handle = (
             ray.remote(Owner)
@@ -185,22 +185,24 @@ def forget_owners() -> None:
 
 
 def ship_ray_side_code() -> None:
-    """Send our Ray-side modules by value, so clusters need only Ray, not airflow-ray."""
+    """Send the Ray-side package by value, so clusters need only Ray, not airflow-ray."""
     import ray.cloudpickle as cloudpickle
 
-    from airflow_ray import checkpoint, owner, runner
+    from airflow_ray import _worker, checkpoint
 
-    for module in (runner, owner, checkpoint):
+    for module in (_worker, checkpoint):
         cloudpickle.register_pickle_by_value(module)
 
 
 @cache
 def _ray_side_code_hash() -> str:
-    from airflow_ray import owner, runner
+    """A hash of every source file of :mod:`airflow_ray._worker` (names and contents)."""
+    from airflow_ray import _worker
 
+    root = Path(_worker.__file__).parent
     digest = hashlib.sha256()
-    for module in (owner, runner):
-        digest.update(Path(module.__file__).read_bytes())
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:8]
 
 

@@ -3,7 +3,7 @@
 The Airflow process never runs the function and never holds its output: it pickles the
 function (its real code, closures and DAG-folder helper modules), swaps upstream
 :class:`~airflow_ray.store.ObjectHandle` arguments for ObjectRefs, and asks the owner actor to
-submit :func:`airflow_ray.runner.execute`. While the task runs it streams the function's
+submit :func:`airflow_ray._worker.runner.execute`. While the task runs it streams the function's
 output into the Airflow log, watches for resource requests no node can satisfy, and cancels
 the Ray task if Airflow gives up on it (``execution_timeout``, kill, ``KeyboardInterrupt``).
 """
@@ -20,13 +20,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from airflow_ray.errors import (
+from airflow_ray._worker.runner import SLOT
+from airflow_ray.exceptions import (
     InfeasibleResourcesError,
     RayObjectLostError,
     RaySerializationError,
-    RayTaskError,
+    RayTaskFailedError,
 )
-from airflow_ray.runner import SLOT
 from airflow_ray.store import ObjectHandle, ObjectReference, forget_owners, get_owner, owner_name
 
 _log = logging.getLogger(__name__)
@@ -301,12 +301,12 @@ def _translate(error: dict[str, Any], request: TaskRequest, references: list[Obj
     if (lost := _lost_inputs(error, references)) is not None:
         return lost_error(references[lost[0]], details.splitlines()[0] if details else kind)
     if kind in ("TaskCancelledError",):
-        return RayTaskError(f"The Ray task of {request.label} was cancelled.")
+        return RayTaskFailedError(f"The Ray task of {request.label} was cancelled.")
     if any(hint in details for hint in _SERIALIZATION_HINTS):
         return RaySerializationError(
             f"The return value of {request.label} cannot be serialized by Ray: {error['message']}"
         )
-    return RayTaskError(
+    return RayTaskFailedError(
         f"{request.label} failed on Ray with {error['type']}: {error['message']}\n"
         f"Remote traceback:\n{details}"
     )
@@ -314,7 +314,7 @@ def _translate(error: dict[str, Any], request: TaskRequest, references: list[Obj
 
 def _lost_inputs(error: dict[str, Any], references: list[ObjectReference]) -> list[int] | None:
     """Which inputs a failure says are lost: those named in it, else all; None if not a loss."""
-    # The loss arrives as itself or wrapped in a RayTaskError whose cause is the loss.
+    # The loss arrives as itself or wrapped in a Ray RayTaskError whose cause is the loss.
     kinds = {error["kind"], error["type"].rsplit(".", 1)[-1]}
     if not kinds & set(_LOST_KINDS) or not references:
         return None

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import ray
 
-from airflow_ray.errors import RayObjectLostError
+from airflow_ray.exceptions import RayObjectLostError
 from airflow_ray.store import forget_owners, get_owner, owner_name
 from tests.dags import checkpointed
 from tests.s3_server import aws_connection, s3_server  # noqa: F401

@@ -9,7 +9,7 @@ import pytest
 from airflow.sdk import dag, task
 
 from airflow_ray import ray_task
-from airflow_ray.decorators import _RayDecoratedOperator
+from airflow_ray.decorators.ray import _RayDecoratedOperator
 from tests.dags import basics, failures
 
 
@@ -197,7 +197,7 @@ def test_on_kill_cancels_the_running_ray_task(ray_cluster):
     import ray
 
     from airflow_ray import tasks
-    from airflow_ray.errors import RayTaskError
+    from airflow_ray.exceptions import RayTaskFailedError
     from airflow_ray.hooks import RayHook
     from airflow_ray.operators import RayPythonOperator
     from airflow_ray.store import get_owner, owner_name
@@ -226,7 +226,7 @@ def test_on_kill_cancels_the_running_ray_task(ray_cluster):
     op._running = (owner_name("killed", "run"), task_key)
     op.on_kill()
     thread.join(timeout=30)
-    assert failure and isinstance(failure[0], RayTaskError)
+    assert failure and isinstance(failure[0], RayTaskFailedError)
     assert "was cancelled" in str(failure[0])
     pid = state["started"]["pid"]
     deadline = time.monotonic() + 10

@@ -21,7 +21,7 @@ import pytest
 
 from airflow_ray import cluster
 from airflow_ray.cluster import LOCAL_ENV
-from airflow_ray.errors import RayAuthenticationError, RayConnectionError
+from airflow_ray.exceptions import RayAuthenticationError, RayConnectionError
 from airflow_ray.hooks import RayHook
 from tests.dags import remote
 
@@ -356,7 +356,7 @@ def test_provider_info_through_the_entry_point():
     assert info["package-name"] == "airflow-ray"
     (conn_type,) = [c for c in info["connection-types"] if c["connection-type"] == "ray"]
     assert conn_type["hook-class-name"] == "airflow_ray.hooks.RayHook"
-    assert {"name": "ray", "class-name": "airflow_ray.decorators.ray_task"} in info["task-decorators"]
+    assert {"name": "ray", "class-name": "airflow_ray.decorators.ray.ray_task"} in info["task-decorators"]
 
 
 @pytest.mark.slow

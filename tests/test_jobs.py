@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from airflow_ray.jobs import TERMINAL_STATES, RayJobHook
-from airflow_ray.triggers import RayJobTrigger
+from airflow_ray.hooks.job import TERMINAL_STATES, RayJobHook
+from airflow_ray.triggers.job import RayJobTrigger
 from tests.dags import jobs
 
 
@@ -91,7 +91,7 @@ def test_trigger_serializes_without_the_token():
         submission_id="s1", ray_conn_id="ray_x", dashboard_url="http://h:8265", local_token=True
     )
     assert trigger.serialize() == (
-        "airflow_ray.triggers.RayJobTrigger",
+        "airflow_ray.triggers.job.RayJobTrigger",
         {
             "submission_id": "s1",
             "ray_conn_id": "ray_x",

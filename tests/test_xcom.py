@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from airflow_ray import tasks
-from airflow_ray.errors import RayObjectLostError
+from airflow_ray.exceptions import RayObjectLostError
 from airflow_ray.store import ObjectHandle, forget_owners, get_owner, owner_name
 from tests.dags import handoff
 

@@ -34,9 +34,9 @@ from airflow.sdk import BaseOperator, ResumableJobMixin, conf
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_ray.hooks import RayHook
-from airflow_ray.jobs import TERMINAL_STATES, RayJobHook
-from airflow_ray.links import RayDashboardLink, job_url
-from airflow_ray.triggers import RayJobTrigger
+from airflow_ray.hooks.job import TERMINAL_STATES, RayJobHook
+from airflow_ray.links.dashboard import RayDashboardLink, job_url
+from airflow_ray.triggers.job import RayJobTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -64,7 +64,7 @@ class RaySubmitJobOperator(ResumableJobMixin, BaseOperator):
         (see :meth:`~airflow_ray.hooks.RayHook.get_dashboard` for the fallbacks).
     :param wait_for_completion: wait for the job to end (default); if False the task succeeds
         once the job is submitted.
-    :param deferrable: wait in the triggerer (:class:`~airflow_ray.triggers.RayJobTrigger`)
+    :param deferrable: wait in the triggerer (:class:`~airflow_ray.triggers.job.RayJobTrigger`)
         instead of a worker slot.
     :param poll_interval: seconds between status checks while the log streams.
     :param durable: re-attach to the previous try's job on retry (Airflow's resumable jobs).

@@ -22,7 +22,7 @@ from airflow.providers.standard.operators.python import PythonOperator
 
 from airflow_ray import config
 from airflow_ray.hooks import RayHook
-from airflow_ray.links import RayDashboardLink, owner_url
+from airflow_ray.links.dashboard import RayDashboardLink, owner_url
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

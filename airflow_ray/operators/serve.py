@@ -14,7 +14,7 @@
     undeploy = RayServeDeleteOperator(task_id="undeploy", app_name="higgs")
 
 The application runs on the cluster :class:`~airflow_ray.hooks.RayHook` connects to; the model
-server (:mod:`airflow_ray.serving`) answers MLflow's scoring format on
+server (:mod:`airflow_ray._worker.serving`) answers MLflow's scoring format on
 ``http://<http_host>:<http_port>/<app_name>``.
 
 What a run does, and why:
@@ -132,14 +132,13 @@ class RayServeDeployOperator(BaseOperator):
         return f"{base.rstrip('/')}{self.route_prefix}"
 
     def execute(self, context: Context) -> dict[str, Any]:
-        import ray.cloudpickle
         from ray import serve
 
-        from airflow_ray import serving
+        from airflow_ray._worker import serving
+        from airflow_ray.store import ship_ray_side_code
 
         self.hook.connect()
-        # Serve replicas and Ray workers may lack airflow-ray: the model server travels by value.
-        ray.cloudpickle.register_pickle_by_value(serving)
+        ship_ray_side_code()  # Serve replicas may lack airflow-ray: the model server travels by value
         server = tracking_server(self.mlflow_conn_id)
         model_uri = pin_model_uri(self.model_uri, server)
         serve.start(http_options={"host": self.http_host, "port": self.http_port})
@@ -178,7 +177,7 @@ class RayServeDeployOperator(BaseOperator):
         """
         from ray import serve
 
-        from airflow_ray import serving
+        from airflow_ray._worker import serving
 
         deployment = serve.deployment(
             serving.MlflowModelServer,
@@ -207,7 +206,7 @@ class RayServeDeployOperator(BaseOperator):
             return list(self.expected_predictions)
         import ray
 
-        from airflow_ray import serving
+        from airflow_ray._worker import serving
 
         reference = ray.remote(serving.reference_predictions).options(num_cpus=0)
         return ray.get(reference.remote(model_uri, server.uri, dict(server.credentials), self.smoke_request))

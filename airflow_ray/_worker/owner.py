@@ -22,7 +22,7 @@ import time
 import zlib
 from typing import Any
 
-from airflow_ray import runner
+from airflow_ray._worker import runner
 
 TaskKey = tuple[str, str, str, int]
 EntryKey = tuple[str, str, str, int, str]

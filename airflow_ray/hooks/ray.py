@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
-from airflow_ray.errors import RayAuthenticationError, RayConnectionError
+from airflow_ray.exceptions import RayAuthenticationError, RayConnectionError
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection

@@ -164,7 +164,7 @@ class _Stored:
 def _inline_or_none(value: Any) -> Any:
     """Airflow's own serialization if the value is small enough for the table, else None."""
     from airflow_ray import config
-    from airflow_ray.runner import is_dataset
+    from airflow_ray._worker.runner import is_dataset
 
     threshold = config.xcom_threshold_bytes()
     if value is None:
@@ -214,8 +214,8 @@ def _pushed_outputs(task_key: tuple[Any, ...], key: str | None, value: Any) -> d
 def _adopt(value: Any, key: str, dag_id: str, run_id: str, task_id: str, map_index: int) -> dict[str, Any]:
     import ray
 
+    from airflow_ray._worker.runner import is_dataset, summarize
     from airflow_ray.hooks import RayHook
-    from airflow_ray.runner import is_dataset, summarize
     from airflow_ray.store import get_owner, owner_name
 
     RayHook(XCOM_RAY_CONN_ID).connect()
@@ -299,8 +299,8 @@ def _materialize(references: list[ObjectReference]) -> list[Any]:
     import ray
 
     from airflow_ray import tasks
+    from airflow_ray._worker.runner import as_dataset
     from airflow_ray.hooks import RayHook
-    from airflow_ray.runner import as_dataset
 
     RayHook(references[0].ray_conn_id).connect()
     values = []

@@ -4,11 +4,11 @@ The blocking half wraps Ray's own ``JobSubmissionClient`` (it zips and uploads a
 ``working_dir`` / ``py_modules``); the async half speaks the same REST API with ``aiohttp``,
 so a trigger never blocks the triggerer's event loop. Both send the cluster token the way
 Ray's dashboard expects it (``Authorization: Bearer``), see
-:class:`~airflow_ray.hooks.DashboardTarget`.
+:class:`~airflow_ray.hooks.ray.DashboardTarget`.
 
 .. code-block:: python
 
-    from airflow_ray.jobs import RayJobHook
+    from airflow_ray.hooks.job import RayJobHook
 
     hook = RayJobHook("ray_default")
     job_id = hook.submit_job(entrypoint="python -c 'print(42)'", submission_id="demo-1")
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowNotFoundException
 
-from airflow_ray.errors import RayAuthenticationError, RayConnectionError
-from airflow_ray.hooks import DashboardTarget, RayHook, http_token
+from airflow_ray.exceptions import RayAuthenticationError, RayConnectionError
+from airflow_ray.hooks.ray import DashboardTarget, RayHook, http_token
 
 if TYPE_CHECKING:
     import aiohttp

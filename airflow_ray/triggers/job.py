@@ -1,7 +1,7 @@
 """``RayJobTrigger``: waits for a Ray job in the triggerer, streaming its log into the task log.
 
 Everything it does is async (``aiohttp`` against the Jobs API, see
-:class:`~airflow_ray.jobs.RayJobHook`); it serializes only the submission id, the connection id
+:class:`~airflow_ray.hooks.job.RayJobHook`); it serializes only the submission id, the connection id
 and the resolved dashboard URL, never the token: the token is looked up again from the
 connection (or the local token file of the embedded cluster) when the trigger runs.
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_ray.jobs import RayJobHook
+from airflow_ray.hooks.job import RayJobHook
 
 
 class RayJobTrigger(BaseTrigger):

@@ -1,0 +1,55 @@
+"""Exceptions raised by airflow-ray.
+
+Each one carries a message that names what failed (task, address, resource, object) and how
+to recover, because these errors surface in an Airflow task log read by someone who did not
+write the DAG.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from airflow.sdk.exceptions import AirflowException
+
+
+class RayConnectionError(AirflowException):
+    """The Ray cluster could not be reached (wrong address, cluster down, version mismatch)."""
+
+
+class RayAuthenticationError(RayConnectionError):
+    """The cluster rejected our token (Ray token authentication)."""
+
+
+class InfeasibleResourcesError(AirflowException):
+    """No node of the cluster can ever satisfy the task's resource request."""
+
+
+class RaySerializationError(AirflowException):
+    """An argument or return value of a Ray task cannot be pickled."""
+
+
+class RayTaskFailedError(AirflowException):
+    """The function raised on the Ray worker (or was cancelled); the message holds the remote traceback.
+
+    Named apart from Ray's own ``ray.exceptions.RayTaskError``, which this error translates.
+    """
+
+
+class RayObjectLostError(AirflowException):
+    """An upstream task's output is no longer in Ray's object store and cannot be restored."""
+
+
+_DEPRECATED = {"RayTaskError": "RayTaskFailedError"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(
+            f"airflow_ray.exceptions.{name} is deprecated (it shadowed Ray's own exception): use {new}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[new]
+    raise AttributeError(f"module 'airflow_ray.exceptions' has no attribute {name!r}")
