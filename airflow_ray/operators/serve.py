@@ -134,7 +134,6 @@ class RayServeDeployOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from ray import serve
 
-        from airflow_ray._worker import serving
         from airflow_ray.store import ship_ray_side_code
 
         self.hook.connect()
