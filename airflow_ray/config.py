@@ -49,6 +49,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "example": "airflow_ray",
         "default": "airflow_ray",
     },
+    "xcom_conn_id": {
+        "description": "Ray connection of the XCom backend for plain tasks (which have no ray_conn_id "
+        "of their own): where their large outputs are adopted and where their inputs are read.",
+        "type": "string",
+        "example": "ray_default",
+        "default": "ray_default",
+    },
     "infeasible_task_timeout": {
         "description": "Seconds a task may wait for resources that no node of the cluster has before "
         "it fails. Raise it for autoscaling clusters that add such nodes on demand.",
@@ -166,6 +173,11 @@ def namespace() -> str:
 
 
 @cache
+def xcom_conn_id() -> str:
+    return _get("xcom_conn_id").strip() or OPTIONS["xcom_conn_id"]["default"]
+
+
+@cache
 def infeasible_task_timeout() -> float:
     value = _get_int("infeasible_task_timeout")
     return float(60 if value is None else value)
@@ -228,6 +240,7 @@ def clear_caches() -> None:
         max_objects,
         owner_shards,
         namespace,
+        xcom_conn_id,
         infeasible_task_timeout,
         checkpoint_path,
         checkpoint_conn_id,

@@ -157,7 +157,7 @@ def test_execution_timeout_cancels_the_ray_task(run_dag):
     import psutil
     import ray
 
-    from airflow_ray.store import get_owner, owner_name
+    from airflow_ray.owners import get_owner, owner_name
 
     result = run_dag(failures.timeout_dag)
     assert result.states["sleepy_for_timeout"] == "failed"
@@ -197,13 +197,14 @@ def test_on_kill_cancels_the_running_ray_task(ray_cluster):
     import ray
 
     from airflow_ray import tasks
+    from airflow_ray._worker.keys import TaskKey
     from airflow_ray.exceptions import RayTaskFailedError
     from airflow_ray.hooks import RayHook
     from airflow_ray.operators import RayPythonOperator
-    from airflow_ray.store import get_owner, owner_name
+    from airflow_ray.owners import get_owner, owner_name
 
     RayHook().connect()
-    task_key = ("killed", "run", "sleeper", -1)
+    task_key = TaskKey("killed", "run", "sleeper", -1)
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -223,7 +224,7 @@ def test_on_kill_cancels_the_running_ray_task(ray_cluster):
         assert time.monotonic() < deadline, "the Ray task never started"
         time.sleep(0.2)
     op = RayPythonOperator(task_id="sleeper", python_callable=time.sleep)
-    op._running = (owner_name("killed", "run"), task_key)
+    op._running, op._task_key = True, task_key
     op.on_kill()
     thread.join(timeout=30)
     assert failure and isinstance(failure[0], RayTaskFailedError)

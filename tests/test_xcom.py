@@ -11,7 +11,8 @@ import ray
 
 from airflow_ray import tasks
 from airflow_ray.exceptions import RayObjectLostError
-from airflow_ray.store import ObjectHandle, forget_owners, get_owner, owner_name
+from airflow_ray.owners import forget_owners, get_owner, owner_name
+from airflow_ray.references import ObjectHandle
 from tests.dags import handoff
 
 
@@ -249,7 +250,7 @@ def _null_log():
 
 
 def _reference(dag_id, run_id, task_id, output):
-    from airflow_ray.store import ObjectReference
+    from airflow_ray.references import ObjectReference
 
     return ObjectReference(
         owner=owner_name(dag_id, run_id),
@@ -264,7 +265,7 @@ def _reference(dag_id, run_id, task_id, output):
 
 
 def _reference_from_raw(raw):
-    from airflow_ray.store import ObjectReference
+    from airflow_ray.references import ObjectReference
 
     return ObjectReference.from_json(raw)
 

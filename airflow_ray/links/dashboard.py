@@ -42,7 +42,7 @@ def owner_url(dashboard_url: str | None, owner_name: str) -> str | None:
     """
     if not dashboard_url:
         return None
-    from airflow_ray.store import get_owner
+    from airflow_ray.owners import get_owner
 
     try:
         actor = get_owner(owner_name)
