@@ -24,7 +24,7 @@ from typing import Any
 
 from airflow_ray import outputs
 from airflow_ray._worker.keys import TaskKey
-from airflow_ray._worker.runner import SLOT
+from airflow_ray._worker.runner import SLOT, same_tuple
 from airflow_ray.exceptions import (
     InfeasibleResourcesError,
     RaySerializationError,
@@ -58,8 +58,12 @@ class TaskRequest:
     options: dict[str, Any] = field(default_factory=dict)
     split: str | None = None
     infeasible_timeout: float = 60.0
-    #: Outputs JSON-like and smaller than this come back as values (None: every output does).
-    inline_limit: int | None = None
+    #: Outputs JSON-like and smaller than this come back as values; ``None``: every output does.
+    #: The default keeps every output in Ray (see :func:`airflow_ray.outputs.inline_limit`).
+    inline_limit: int | None = 0
+
+    def __post_init__(self) -> None:
+        self.task_key = TaskKey(*self.task_key)  # a plain tuple is accepted too
 
     @property
     def label(self) -> str:
@@ -154,7 +158,7 @@ def extract_handles(obj: Any) -> tuple[Any, list[ObjectHandle]]:
         if isinstance(value, list) or type(value).__name__ == "LazyXComSequence":
             return [walk(v) for v in value]  # a mapped upstream's outputs, one handle each
         if isinstance(value, tuple):
-            return tuple(walk(v) for v in value)
+            return same_tuple(value, [walk(v) for v in value])
         return value
 
     return walk(obj), handles

@@ -161,6 +161,11 @@ def _is_plain(value: Any, budget: list[int]) -> bool:
 # --- private helpers -----------------------------------------------------------------------
 
 
+def same_tuple(original: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
+    """``items`` as a tuple of the original's type: a named tuple stays one (``ti`` is)."""
+    return type(original)(*items) if hasattr(original, "_fields") else tuple(items)
+
+
 def _fill(obj: Any, inputs: tuple[Any, ...] | list[Any]) -> Any:
     """Replace slot placeholders by the resolved upstream values, applying their index path."""
     if isinstance(obj, dict):
@@ -173,7 +178,7 @@ def _fill(obj: Any, inputs: tuple[Any, ...] | list[Any]) -> Any:
     if isinstance(obj, list):
         return [_fill(v, inputs) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_fill(v, inputs) for v in obj)
+        return same_tuple(obj, [_fill(v, inputs) for v in obj])
     return obj
 
 
