@@ -159,7 +159,9 @@ def test_retry_attaches_to_the_still_running_ray_task(ray_cluster, tmp_path, cap
         )
 
     first: dict = {}
-    try_1 = threading.Thread(target=lambda: first.update(outputs=tasks.run(request(), _null_log())["outputs"]))
+    try_1 = threading.Thread(
+        target=lambda: first.update(outputs=tasks.run(request(), _null_log())["outputs"])
+    )
     try_1.start()
     deadline = time.monotonic() + 120
     while not runs.exists():  # the function is running
