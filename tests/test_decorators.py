@@ -234,3 +234,47 @@ def test_on_kill_cancels_the_running_ray_task(ray_cluster):
     while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, "the Ray worker still runs 10 s after on_kill"
         time.sleep(0.2)
+
+
+def test_small_outputs_cost_one_owner_call_per_ray_task(run_dag):
+    """The owner's reply to ``run`` carries small outputs as values: no lookup, get or release after.
+
+    Before the owner replied with values, each small output cost ``run`` + ``lookup`` (and a
+    ``ray.get``) + ``release``. ``poll`` calls are left out: a task still running after the first
+    0.2 s poll interval streams its log through them, and how many there are depends on the machine.
+    """
+    from collections import Counter
+
+    from airflow_ray import owners
+    from airflow_ray.hooks import RayHook
+
+    RayHook().connect()
+    name = owners.owner_names()[0]  # one shard in the tests: every run's owner
+    calls: Counter[str] = Counter()
+    owners._handles[name] = _CountingOwner(owners.get_owner(name, create=True), calls)
+    try:
+        result = run_dag(basics.mixing_dag)
+    finally:
+        owners.forget_owners()
+    assert result.state == "success", result.states
+    assert result.xcom("load")["values"] == [1003, 1012, 1027]  # square, then shift, through XCom values
+    assert {method: n for method, n in calls.items() if method != "poll"} == {"run": 2}
+
+
+class _CountingOwner:
+    """An owner actor handle that counts the calls made through it, by method."""
+
+    def __init__(self, handle, calls) -> None:
+        self._handle, self._calls = handle, calls
+
+    def __getattr__(self, method: str):
+        target, calls = getattr(self._handle, method), self._calls
+        if method.startswith("_"):  # not a method call (e.g. the actor id for the dashboard link)
+            return target
+
+        class _Method:
+            def remote(self, *args, **kwargs):
+                calls[method] += 1
+                return target.remote(*args, **kwargs)
+
+        return _Method()
