@@ -58,7 +58,7 @@ class CheckpointSettings:
 _plain_task: tuple[TaskKey, CheckpointSettings | None] | None = None
 
 #: Values this process pushed per task, by key (see :func:`_pushed_outputs`).
-_recent_pushes: dict[TaskKey, dict[str, tuple[Any, Any]]] = {}
+_recent_pushes: dict[TaskKey, dict[str | None, tuple[Any, Any]]] = {}
 
 
 # --- the rule ------------------------------------------------------------------------------------
@@ -139,6 +139,7 @@ def to_xcom(value: Any, *, key: str | None, task: TaskKey) -> Any:
         }
     if (pushed := _pushed_outputs(task, key, value)) is not None:
         return pushed
+    stored: Any
     if stays_inline(value):
         stored = BaseXCom.serialize_value(value)
     else:
@@ -207,7 +208,7 @@ def persist(
         key: base if key == "return_value" else dataclasses.replace(base, uri=f"{base.uri}{key}/")
         for key in references
     }
-    write = ray.remote(checkpoint.write_checkpoint).options(num_cpus=0, **_near(node_id))
+    write: Any = ray.remote(checkpoint.write_checkpoint).options(num_cpus=0, **_near(node_id))
     manifests = ray.get(
         [
             write.remote(refs[key], locations[key], blocks=bool(ref.summary.get("dataset")))

@@ -86,7 +86,7 @@ class ObjectHandle:
         return f"<Ray object {self.reference.object_id[:12]}… {_short(self.reference.summary)}>{path}"
 
 
-class SequenceHandle(ObjectHandle, Sequence):
+class SequenceHandle(ObjectHandle, Sequence):  # type: ignore[misc]  # items are handles too
     """An :class:`ObjectHandle` to a list/tuple: Airflow's mapping code checks ``Sequence``."""
 
     def __len__(self) -> int:

@@ -13,14 +13,13 @@ What the owner replies (kept outputs as ObjectRefs, small ones as values) goes t
 from __future__ import annotations
 
 import inspect
-import logging
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 from airflow_ray import outputs
 from airflow_ray._worker.keys import TaskKey
@@ -47,6 +46,14 @@ _LOST_KINDS = (
 _SERIALIZATION_HINTS = ("Could not serialize", "cannot pickle", "Can't pickle")
 
 
+class TaskLog(Protocol):
+    """Where the function's output and our warnings go: a task's ``self.log`` or a stdlib logger."""
+
+    def info(self, msg: Any, /, *args: Any) -> Any: ...
+    def warning(self, msg: Any, /, *args: Any) -> Any: ...
+    def exception(self, msg: Any, /, *args: Any) -> Any: ...
+
+
 @dataclass
 class TaskRequest:
     """Everything needed to run one task instance's function on Ray."""
@@ -70,7 +77,7 @@ class TaskRequest:
         return self.task_key.describe()
 
 
-def run(request: TaskRequest, log: logging.Logger) -> dict[str, Any]:
+def run(request: TaskRequest, log: TaskLog) -> dict[str, Any]:
     """Run the function on Ray and return the owner's reply: ``outputs`` and ``node_id``.
 
     Raises an Airflow exception with a clear message for every failure; on any exception
@@ -117,7 +124,7 @@ def run(request: TaskRequest, log: logging.Logger) -> dict[str, Any]:
     raise _translate(reply["error"], request, references)
 
 
-def cancel(task_key: TaskKey, log: logging.Logger) -> None:
+def cancel(task_key: TaskKey, log: TaskLog) -> None:
     """Airflow is killing the task: cancel its Ray task too (no orphaned work)."""
     import ray
 
@@ -200,7 +207,7 @@ def missing_resources(wanted: dict[str, float], nodes: list[dict[str, Any]]) -> 
 # --- private helpers -----------------------------------------------------------------------
 
 
-def _wait(run_ref: Any, owner: Any, request: TaskRequest, log: logging.Logger) -> int:
+def _wait(run_ref: Any, owner: Any, request: TaskRequest, log: TaskLog) -> int:
     """Wait for the owner's reply, streaming the log meanwhile; returns the log chunks shown.
 
     A task that ends within the first poll interval costs no poll at all: its log arrives
@@ -237,13 +244,13 @@ def _wait(run_ref: Any, owner: Any, request: TaskRequest, log: logging.Logger) -
         log.warning("Waiting for resources no node has yet: %s", lacking)
 
 
-def _log_lines(chunks: list[str], log: logging.Logger) -> None:
+def _log_lines(chunks: list[str], log: TaskLog) -> None:
     for chunk in chunks:
         for line in chunk.rstrip("\n").split("\n"):
             log.info("[ray] %s", line)
 
 
-def _cancel(run_ref: Any, owner: Any, request: TaskRequest, log: logging.Logger) -> None:
+def _cancel(run_ref: Any, owner: Any, request: TaskRequest, log: TaskLog) -> None:
     """Best effort: cancel the Ray task and wait briefly for the cancellation to land."""
     import ray
 

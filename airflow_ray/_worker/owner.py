@@ -39,7 +39,7 @@ class Owner:
         self._ttl = ttl_seconds
         self._max_objects = max_objects
         self._lock = threading.RLock()
-        self._entries: dict[OutputKey, dict[str, Any]] = {}
+        self._entries: dict[tuple[Any, ...], dict[str, Any]] = {}  # by OutputKey, as a tuple
         self._tasks: dict[TaskKey, dict[str, Any]] = {}
         self._execute = ray.remote(runner.execute)
         self._self = ray.get_runtime_context().current_actor
@@ -78,7 +78,7 @@ class Owner:
                 attached = current
             else:
                 attached = None
-                state = {
+                state: dict[str, Any] = {
                     "started": None,
                     "log": [],
                     "log_chars": 0,
@@ -219,9 +219,8 @@ class Owner:
         """
         import ray
 
-        value_ref, ok_ref = (
-            ray.remote(_read_checkpoint).options(num_returns=2, num_cpus=0).remote(reader, uri, options)
-        )
+        read: Any = ray.remote(_read_checkpoint).options(num_returns=2, num_cpus=0)
+        value_ref, ok_ref = read.remote(reader, uri, options)
         try:
             ray.get(ok_ref)
         except Exception as exc:

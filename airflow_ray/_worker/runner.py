@@ -50,9 +50,9 @@ def execute(
     with _CapturedOutput(owner, task_key):
         fn = cloudpickle.loads(fn_blob)
         args, kwargs = cloudpickle.loads(call_blob)
-        inputs = [as_dataset(v) if i in spec.get("datasets", ()) else v for i, v in enumerate(inputs)]
-        args = _fill(args, inputs)
-        kwargs = _fill(kwargs, inputs)
+        values = [as_dataset(v) if i in spec.get("datasets", ()) else v for i, v in enumerate(inputs)]
+        args = _fill(args, values)
+        kwargs = _fill(kwargs, values)
         result = fn(*args, **kwargs)
     if spec.get("split") == "keys":
         if not isinstance(result, dict) or not all(isinstance(k, str) for k in result):

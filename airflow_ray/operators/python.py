@@ -130,7 +130,9 @@ class RayPythonOperator(PythonOperator):
 
     def execute(self, context: Context) -> Any:
         ti = context["ti"]
-        self._task_key = TaskKey(ti.dag_id, ti.run_id, ti.task_id, ti.map_index)
+        self._task_key = TaskKey(
+            ti.dag_id, ti.run_id, ti.task_id, -1 if ti.map_index is None else ti.map_index
+        )
         self._context_keys = set(context)
         self._identity = TaskInstanceInfo(*self._task_key, try_number=ti.try_number)
         return super().execute(context)
