@@ -194,6 +194,7 @@ def persist(
     import ray
 
     from airflow_ray import checkpoint
+    from airflow_ray.checkpoint import path_component
 
     task = next(iter(references.values())).task
     base = checkpoint.resolve_checkpoint_location(
@@ -204,8 +205,10 @@ def persist(
         task_id=task.task_id,
         map_index=task.map_index,
     )
-    locations: dict[str, CheckpointLocation] = {
-        key: base if key == "return_value" else dataclasses.replace(base, uri=f"{base.uri}{key}/")
+    locations: dict[str, CheckpointLocation] = {  # keys are spelled like ids: one safe name each
+        key: base
+        if key == "return_value"
+        else dataclasses.replace(base, uri=f"{base.uri}{path_component(key)}/")
         for key in references
     }
     write: Any = ray.remote(checkpoint.write_checkpoint).options(num_cpus=0, **_near(node_id))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import ray
 
+from airflow_ray.checkpoint import read_checkpoint
 from airflow_ray.exceptions import RayObjectLostError
 from airflow_ray.owners import forget_owners, get_owner, owner_name
 from tests.dags import checkpointed
@@ -55,6 +56,19 @@ def test_owner_loss_restores_from_checkpoint_then_memory(run_dag, tmp_path, capl
     boxed = ray.get(owner.lookup.remote([(result.dag_id, result.run_id, "produce", -1, "array")]))
     assert boxed[0] is not None
     np.testing.assert_array_equal(ray.get(boxed[0][0]), outputs[0])
+
+
+def test_multiple_outputs_keys_are_sanitised_into_the_task_directory(run_dag, tmp_path):
+    """Keys go through the same sanitiser as ids: one safe directory each, inside the task's."""
+    result = run_dag(checkpointed.checkpoint_keys_dag, run_conf={"base": f"file://{tmp_path}"})
+    assert result.state == "success", result.states
+    task_dir = result.xcom_raw("produce", key="named")["checkpoint_uri"].removesuffix("named/")
+    for key, size in (("..hidden", 10_000), ("train set:v1", 20_000)):
+        uri = result.xcom_raw("produce", key=key)["checkpoint_uri"]
+        name = uri.removeprefix(task_dir).removesuffix("/")
+        assert uri.startswith(task_dir) and "/" not in name and name != key, uri
+        assert not name.startswith(".") and " " not in name and ":" not in name
+        np.testing.assert_array_equal(read_checkpoint(uri), np.arange(size))
 
 
 def test_s3_checkpoints_through_a_dag(run_dag, aws_connection, s3_server):  # noqa: F811 (fixtures)

@@ -76,5 +76,19 @@ def checkpointed_s3():
     _pipeline(with_ray_consumer=False)
 
 
+@dag(
+    dag_id="checkpoint_keys",
+    schedule=None,
+    default_args={"checkpoint": True, "checkpoint_path": "{{ dag_run.conf['base'] }}"},
+)
+def checkpoint_keys():
+    @ray_task(num_cpus=0.5, multiple_outputs=True)
+    def produce() -> dict:  # keys that are no safe directory names (Airflow's API refuses a "/")
+        return {"..hidden": np.arange(10_000), "train set:v1": np.arange(20_000), "named": np.arange(5_000)}
+
+    produce()
+
+
 checkpointed_dag = checkpointed()
+checkpoint_keys_dag = checkpoint_keys()
 checkpointed_s3_dag = checkpointed_s3()
