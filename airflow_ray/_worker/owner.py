@@ -91,14 +91,41 @@ class Owner:
                 self._drop(lambda key: key[:4] == tuple(task_key))  # a re-run replaces the old outputs
         if attached is not None:
             attached["done"].wait()
-            return {**attached["result"], "log": attached["log"], "attached": True}
+            return {**self._reply(task_key, attached), "attached": True}
         try:
             state["result"] = self._execute_and_register(
                 task_key, state, fn_blob, call_blob, inputs, options, spec
             )
         finally:
             state["done"].set()
-        return {**state["result"], "log": state["log"]}
+        return self._reply(task_key, state)
+
+    def _reply(self, task_key: TaskKey, state: dict[str, Any]) -> dict[str, Any]:
+        """A run's stored result plus its log and the ObjectRefs of its kept outputs.
+
+        The refs are taken from the registry now, never stored with the result: the result is
+        kept for an hour (for retries that attach), and a ref held there would keep a released
+        output's memory alive.
+        """
+        result = {**state["result"], "log": state["log"]}
+        if not result["ok"]:
+            return result
+        with self._lock:
+            refs = {
+                out["key"]: entry["ref"]
+                for out in result["outputs"]
+                if (entry := self._entries.get(tuple(task_key.output(out["key"]))))
+                and entry["ref"].hex() == out.get("object_id")
+            }
+        kept = [out for out in result["outputs"] if "object_id" in out]
+        if len(refs) < len(kept):
+            message = f"the outputs of {task_key.describe()} were freed before this call could take them"
+            error = {"kind": "OutputFreed", "type": "OutputFreed", "message": message, "details": message}
+            return {**result, "ok": False, "error": error}
+        result["outputs"] = [
+            {**out, "ref": [refs[out["key"]]]} if out["key"] in refs else out for out in result["outputs"]
+        ]
+        return result
 
     def _execute_and_register(
         self,
@@ -135,7 +162,7 @@ class Owner:
                 outputs.append({"key": name, "summary": summary, "value": ray.get(ref)})
                 continue
             object_id = self._register(task_key.output(name), ref, summary, now)
-            outputs.append({"key": name, "object_id": object_id, "summary": summary, "ref": [ref]})
+            outputs.append({"key": name, "object_id": object_id, "summary": summary})
         node_id = (state["started"] or {}).get("node_id")
         return {"ok": True, "outputs": outputs, "node_id": node_id}
 
