@@ -9,6 +9,8 @@ actors' names does not cover. Read with ``ast``, so nothing is imported to check
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,72 @@ def test_worker_package_has_the_ray_side_modules():
 def test_worker_module_imports_nothing_outside_the_package(path: Path):
     module, is_package = _module_name(path)
     assert forbidden_imports(path.read_text(), module, is_package=is_package) == []
+
+
+# Pickles, by value as ``ship_ray_side_code`` has it, every function and class of the package plus
+# a checkpoint location, as the Airflow side would send them.
+_SHIP = """
+import importlib, inspect, pkgutil, sys
+import ray.cloudpickle as cloudpickle
+import airflow_ray._worker as worker
+from airflow_ray._worker.checkpoint import CheckpointLocation
+
+cloudpickle.register_pickle_by_value(worker)
+shipped = {}
+for info in pkgutil.walk_packages(worker.__path__, worker.__name__ + "."):
+    module = importlib.import_module(info.name)
+    for name, obj in vars(module).items():
+        defined_here = getattr(obj, "__module__", None) == info.name
+        if defined_here and (inspect.isfunction(obj) or inspect.isclass(obj)):
+            shipped[f"{info.name}.{name}"] = obj
+location = CheckpointLocation(sys.argv[2], producer={"airflow_ray": "shipped"})
+with open(sys.argv[1], "wb") as f:
+    cloudpickle.dump((shipped, location), f)
+"""
+
+# Loads them where ``airflow`` and ``airflow_ray`` cannot be imported, as on a cluster with only
+# Ray and the data libraries, and writes and reads a checkpoint of each format with them.
+_RUN_WITHOUT_AIRFLOW_RAY = """
+import importlib.abc, pickle, sys
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] in ("airflow", "airflow_ray"):
+            raise ModuleNotFoundError(f"No module named {name!r} on this cluster")
+
+sys.meta_path.insert(0, NotInstalled())
+for name in [m for m in sys.modules if m.partition(".")[0] in ("airflow", "airflow_ray")]:
+    del sys.modules[name]
+import numpy as np, pandas as pd, pyarrow as pa
+
+with open(sys.argv[1], "rb") as f:
+    shipped, location = pickle.load(f)
+write = shipped["airflow_ray._worker.checkpoint.io.write_checkpoint"]
+read = shipped["airflow_ray._worker.checkpoint.io.read_checkpoint"]
+for value in (pd.DataFrame({"a": [1, 2]}), pa.table({"a": [1]}), np.arange(5), {"k": "v"}):
+    manifest = write(value, location)
+    assert manifest["producer"]["airflow_ray"] == "shipped", manifest
+    back = read(location)
+    assert type(back) is type(value) and repr(back) == repr(value), (back, value)
+print(len(shipped), "ok")
+"""
+
+
+def test_shipped_package_runs_where_airflow_ray_is_not_installed(tmp_path: Path):
+    blob = tmp_path / "shipped.pkl"
+    for script, *args in (
+        (_SHIP, blob, f"{tmp_path.as_uri()}/d/r/t/-1/"),
+        (_RUN_WITHOUT_AIRFLOW_RAY, blob),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", script, *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
 
 
 @pytest.mark.parametrize(

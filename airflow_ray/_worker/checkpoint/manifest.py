@@ -10,7 +10,6 @@ it, to explain a failed read years later), ``created_at`` (UTC ISO 8601).
 from __future__ import annotations
 
 import datetime
-import functools
 import json
 import platform
 from collections.abc import Mapping
@@ -126,9 +125,12 @@ def expected_checksum(manifest: dict[str, Any]) -> str:
     return f"sha256:{manifest['sha256']}"
 
 
-@functools.cache
 def _library_versions() -> dict[str, str | None]:
-    """Versions of Python and the libraries that encode the data, as installed here."""
+    """Versions of Python and the libraries that encode the data, as installed here.
+
+    Looked up on every write (a few ms): a ``functools.cache`` wrapper would be pickled by
+    reference, and this module could no longer travel to a cluster without airflow-ray.
+    """
     from importlib import metadata
 
     versions: dict[str, str | None] = {"python": platform.python_version()}
