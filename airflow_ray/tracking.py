@@ -42,8 +42,8 @@ report as metrics. Registry: :func:`register_if_better`.
 This module is the Airflow side (the connection, the run's creation). What runs on Ray workers,
 :class:`TrackedRun`, :func:`register_if_better` and :func:`xgboost_callback`, lives in
 :mod:`airflow_ray._worker.tracking` (re-exported here) and travels to the cluster by value with
-the rest of :mod:`airflow_ray._worker`, so the workers need MLflow but not airflow-ray. Both
-import only the standard library at module level (MLflow and Airflow lazily).
+the rest of :mod:`airflow_ray._worker`, so the workers need MLflow but not airflow-ray. Neither
+imports MLflow or Airflow at module level: they are imported where they are used.
 
 Stability: beta.
 """
