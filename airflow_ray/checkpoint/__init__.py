@@ -143,7 +143,7 @@ def __getattr__(name: str) -> Any:
     if name in _DEPRECATED:
         new = _DEPRECATED[name]
         warnings.warn(
-            f"airflow_ray.checkpoint.{name} is deprecated (airflow_ray.store has its own): use {new}",
+            f"airflow_ray.checkpoint.{name} is deprecated: use {new}, the version of the manifest format",
             DeprecationWarning,
             stacklevel=2,
         )
