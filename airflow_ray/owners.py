@@ -78,10 +78,9 @@ def ship_worker_code() -> None:
     """Send :mod:`airflow_ray._worker` by value, so a cluster needs only Ray, not airflow-ray."""
     import ray.cloudpickle as cloudpickle
 
-    from airflow_ray import _worker, checkpoint
+    from airflow_ray import _worker
 
     cloudpickle.register_pickle_by_value(_worker)
-    cloudpickle.register_pickle_by_value(checkpoint)  # until its worker half moves into _worker
 
 
 @cache

@@ -29,7 +29,7 @@ from airflow_ray.exceptions import (
     RaySerializationError,
     RayTaskFailedError,
 )
-from airflow_ray.owners import get_owner, owner_name
+from airflow_ray.owners import get_owner, owner_name, ship_worker_code
 from airflow_ray.references import ObjectHandle, ObjectReference
 
 _POLL_INTERVAL_S = 0.2
@@ -87,6 +87,7 @@ def run(request: TaskRequest, log: TaskLog) -> dict[str, Any]:
     """
     import ray
 
+    ship_worker_code()  # before pickling: arguments may hold our worker-side types (a TrackedRun)
     fn_blob = pickle_function(request.fn, request.label)
     template, handles = extract_handles((request.args, request.kwargs))
     references = [h.reference for h in handles]

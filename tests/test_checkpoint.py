@@ -23,8 +23,9 @@ import pytest
 import xxhash
 
 from airflow_ray import checkpoint, config
+from airflow_ray._worker.checkpoint import paths, streams
 from airflow_ray.checkpoint import (
-    FORMAT_VERSION,
+    MANIFEST_FORMAT_VERSION,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointLocation,
@@ -66,12 +67,17 @@ def _clean_config(monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shrink the streaming block so small test data still crosses many block boundaries."""
-    monkeypatch.setattr(checkpoint, "_BLOCK_SIZE", 4096)
+    monkeypatch.setattr(streams, "BLOCK_SIZE", 4096)
 
 
 @pytest.fixture
 def location(tmp_path: Path) -> CheckpointLocation:
-    return CheckpointLocation(checkpoint_uri(tmp_path.as_uri(), dag_id="d", run_id="r", task_id="t"))
+    """A location as the Airflow side resolves it: it names airflow-ray as the producer."""
+    loc = resolve_checkpoint_location(
+        checkpoint_path=tmp_path.as_uri(), checkpoint_source=None, dag_id="d", run_id="r", task_id="t"
+    )
+    assert loc == CheckpointLocation(checkpoint_uri(tmp_path.as_uri(), dag_id="d", run_id="r", task_id="t"))
+    return loc
 
 
 def _dir(location: CheckpointLocation) -> Path:
@@ -292,7 +298,7 @@ def test_manifest_describes_the_data_file(location, small_blocks, value):
     manifest = write_checkpoint(value, location)
     data = _data_file(location).read_bytes()
     assert manifest == read_manifest(location)
-    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["format_version"] == MANIFEST_FORMAT_VERSION
     assert manifest["bytes"] == len(data)
     assert manifest["checksum"] == f"xxh3_128:{xxhash.xxh3_128(data).hexdigest()}"
     assert manifest["python_type"] == f"{type(value).__module__}.{type(value).__qualname__}"
@@ -451,7 +457,7 @@ def test_unknown_checksum_algorithm_is_refused(location):
 
 def test_newer_format_version_is_refused(location):
     write_checkpoint(np.arange(10), location)
-    _edit_manifest(location, format_version=FORMAT_VERSION + 1)
+    _edit_manifest(location, format_version=MANIFEST_FORMAT_VERSION + 1)
     with pytest.raises(CheckpointError, match="upgrade airflow-ray"):
         read_checkpoint(location)
 
@@ -507,7 +513,7 @@ def test_list_run_checkpoints_finds_each_run_with_its_newest_write(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Locations: layout, secrecy, resolution order.
+# Locations: layout and secrecy (resolution: test_checkpoint_location.py).
 
 
 def test_checkpoint_uri_layout_is_safe_and_readable():
@@ -535,147 +541,15 @@ def test_location_never_shows_credentials():
     assert hash(loc) == hash(CheckpointLocation(loc.uri))
 
 
-def _resolve(**kwargs):
-    args = {"checkpoint_path": None, "checkpoint_source": None, "dag_id": "d", "run_id": "r", "task_id": "t"}
-    return resolve_checkpoint_location(**(args | kwargs))
-
-
-def _set_conn(monkeypatch, conn_id: str, **fields) -> str:
-    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
-    return conn_id
-
-
-def test_resolution_checkpoint_path_wins(monkeypatch, aws_connection, s3_server):
-    monkeypatch.setenv("AIRFLOW__RAY__CHECKPOINT_PATH", "file:///from/config")
-    loc = _resolve(checkpoint_path="s3://explicit/base", checkpoint_source=aws_connection, map_index=2)
-    assert loc.uri == "s3://explicit/base/d/r/t/2/"
-    # Credentials still come from the connection.
-    assert loc.storage_options["key"] == s3_server.access_key
-    assert loc.storage_options["secret"] == SECRET
-    assert loc.storage_options["client_kwargs"] == {
-        "endpoint_url": s3_server.endpoint_url,
-        "region_name": "us-east-1",
-    }
-    assert SECRET not in repr(loc)
-
-
-def test_resolution_connection_before_config(monkeypatch, aws_connection, s3_server):
-    monkeypatch.setenv("AIRFLOW__RAY__CHECKPOINT_PATH", "file:///from/config")
-    loc = _resolve(checkpoint_source=aws_connection)
-    assert loc.uri == f"s3://{s3_server.bucket}/ckpt/d/r/t/-1/"
-
-
-def test_resolution_config_when_nothing_else(monkeypatch, tmp_path):
-    monkeypatch.setenv("AIRFLOW__RAY__CHECKPOINT_PATH", f"{tmp_path.as_uri()}/cfg/")
-    loc = _resolve(map_index=None)
-    assert loc.uri == f"{tmp_path.as_uri()}/cfg/d/r/t/-1/"
-    assert loc.storage_options == {}
-
-
-def test_resolution_error_says_what_to_set():
-    with pytest.raises(ValueError, match="checkpoint_path") as info:
-        _resolve()
-    assert "AIRFLOW__RAY__CHECKPOINT_PATH" in str(info.value) and "checkpoint_source" in str(info.value)
-
-
-def test_connection_without_location_falls_back_to_config_keeping_credentials(monkeypatch):
-    monkeypatch.setenv("AIRFLOW__RAY__CHECKPOINT_PATH", "s3://cfg-bucket/base")
-    conn_id = _set_conn(
-        monkeypatch,
-        "s3_creds_only",
-        conn_type="aws",
-        login="AKIA-only",
-        password=SECRET,
-        extra={"endpoint_url": "http://127.0.0.1:1"},
-    )
-    loc = _resolve(checkpoint_source=conn_id)
-    assert loc.uri == "s3://cfg-bucket/base/d/r/t/-1/"
-    assert loc.storage_options["key"] == "AKIA-only"
-    assert loc.storage_options["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:1"
-
-
-def test_config_conn_id_supplies_credentials_for_config_path(monkeypatch):
-    monkeypatch.setenv("AIRFLOW__RAY__CHECKPOINT_PATH", "s3://cfg-bucket/base")
-    monkeypatch.setenv("AIRFLOW__RAY__CHECKPOINT_CONN_ID", "cfg_conn")
-    _set_conn(
-        monkeypatch,
-        "cfg_conn",
-        conn_type="aws",
-        login="AKIA-cfg",
-        password=SECRET,
-        extra={"service_config": {"s3": {"endpoint_url": "http://127.0.0.1:2"}}},
-    )
-    loc = _resolve()
-    assert loc.uri == "s3://cfg-bucket/base/d/r/t/-1/"
-    assert loc.storage_options["key"] == "AKIA-cfg"
-    assert loc.storage_options["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:2"
-
-
-def test_connection_extra_forms(monkeypatch, tmp_path):
-    explicit = _set_conn(monkeypatch, "explicit", conn_type="aws", extra={"checkpoint_path": "bkt/pre/"})
-    assert _resolve(checkpoint_source=explicit).uri == "s3://bkt/pre/d/r/t/-1/"
-    generic = _set_conn(
-        monkeypatch,
-        "generic_s3",
-        conn_type="generic",
-        host="bkt",
-        schema="pre",
-        login="AKIA-generic",
-        password=SECRET,
-        extra={"protocol": "s3", "endpoint_url": "http://127.0.0.1:3", "storage_options": {"use_ssl": False}},
-    )
-    loc = _resolve(checkpoint_source=generic)
-    assert loc.uri == "s3://bkt/pre/d/r/t/-1/"
-    assert loc.storage_options == {
-        "key": "AKIA-generic",
-        "secret": SECRET,
-        "client_kwargs": {"endpoint_url": "http://127.0.0.1:3"},
-        "use_ssl": False,
-    }
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_URI_FORM", f"s3://AKIA-uri:{SECRET}@bkt/pre?endpoint_url=http%3A%2F%2Fh%3A9"
-    )
-    loc = _resolve(checkpoint_source="uri_form")
-    assert loc.uri == "s3://bkt/pre/d/r/t/-1/"
-    assert loc.storage_options["key"] == "AKIA-uri" and loc.storage_options["secret"] == SECRET
-    assert loc.storage_options["client_kwargs"] == {"endpoint_url": "http://h:9"}
-    local = _set_conn(monkeypatch, "local_fs", conn_type="fs", extra={"path": str(tmp_path)})
-    loc = _resolve(checkpoint_source=local)
-    assert loc.uri == f"{tmp_path.as_uri()}/d/r/t/-1/" and loc.storage_options == {}
-
-
-def test_connection_for_another_store_is_refused(monkeypatch, aws_connection):
-    with pytest.raises(ValueError, match="is for s3://"):
-        _resolve(checkpoint_path="gs://bucket/base", checkpoint_source=aws_connection)
-
-
-def test_gcp_connection_maps_to_gcsfs_options(monkeypatch):
-    key = {"type": "service_account", "project_id": "p", "private_key": SECRET}
-    conn_id = _set_conn(
-        monkeypatch,
-        "gcp",
-        conn_type="google_cloud_platform",
-        extra={"keyfile_dict": json.dumps(key), "project": "p", "bucket_name": "gbkt"},
-    )
-    try:
-        import gcsfs  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="pip install gcsfs"):
-            _resolve(checkpoint_source=conn_id)
-    else:
-        loc = _resolve(checkpoint_source=conn_id)
-        assert loc.uri == "gs://gbkt/d/r/t/-1/"
-        assert loc.storage_options == {"token": key, "project": "p"}
-        assert SECRET not in repr(loc)
-
-
 # ------------------------------------------------------------------------------------------------
 # S3 end to end, through the Airflow connection.
 
 
 def test_s3_end_to_end_via_aws_connection(aws_connection, s3_server):
     run_id = "manual__2024-05-01T10:00:00+00:00"
-    loc = _resolve(checkpoint_source=aws_connection, run_id=run_id)
+    loc = resolve_checkpoint_location(
+        checkpoint_path=None, checkpoint_source=aws_connection, dag_id="d", run_id=run_id, task_id="t"
+    )
     loc = pickle.loads(pickle.dumps(loc))  # as shipped to a Ray worker
     assert loc.uri.startswith(f"s3://{s3_server.bucket}/ckpt/d/manual__2024-05-01T10_00_00_00_00-")
 
@@ -750,8 +624,15 @@ print("ok")
     assert result.stdout.strip().endswith("ok")
 
 
-def test_docstring_examples_run():
+@pytest.mark.parametrize("module", [checkpoint, paths], ids=lambda m: m.__name__)
+def test_docstring_examples_run(module):
     import doctest
 
-    result = doctest.testmod(checkpoint, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_format_version_is_a_deprecated_alias():
+    with pytest.warns(DeprecationWarning, match="MANIFEST_FORMAT_VERSION"):
+        from airflow_ray.checkpoint import FORMAT_VERSION
+    assert FORMAT_VERSION == MANIFEST_FORMAT_VERSION

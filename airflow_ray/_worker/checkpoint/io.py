@@ -1,0 +1,193 @@
+"""Writing, reading, listing and deleting checkpoints: what runs on a Ray worker next to the data.
+
+A 1 GB output never passes through the Airflow process: the Airflow side resolves a
+:class:`~.paths.CheckpointLocation` and sends these functions to a worker with it. They need
+fsspec (plus s3fs/gcsfs for those stores), pyarrow, numpy/pandas for those types, and nothing
+from Airflow; the package imports only the standard library at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+from typing import TYPE_CHECKING, Any
+
+from . import streams
+from .errors import CheckpointCorruptError
+from .filesystem import display, is_local, open_fs, remove_quietly, remove_tree, subdirectories
+from .formats import READERS, plan
+from .manifest import DATA_FILES, MANIFEST_NAME, load_manifest, new_manifest, save_manifest
+from .paths import CheckpointLocation, normalize_base, run_uri
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from fsspec import AbstractFileSystem
+
+
+def write_checkpoint(value: Any, location: CheckpointLocation, *, blocks: bool = False) -> dict[str, Any]:
+    """Write ``value`` as a checkpoint at ``location`` and return its manifest.
+
+    With ``blocks``, ``value`` is a Ray Data dataset as the owner holds it (a list of ObjectRefs
+    to Arrow tables): it is written as one table, and restored as a one-block dataset.
+
+    The data streams to the store in large blocks and is checksummed on the way, so a 1 GB output
+    is never copied whole in memory nor read back. Order makes it safe to retry: the old manifest
+    is removed first, the data file written under its stable name, any data file of another
+    format left by an earlier attempt removed, and ``manifest.json`` written last. A checkpoint
+    without a manifest is incomplete and reads as not found. Returns once every file is closed
+    (uploads completed); local files are not fsync-ed. The manifest's keys are listed in
+    :mod:`.manifest`; its ``producer`` adds ``location.producer`` to the library versions.
+    """
+    if blocks:
+        import pyarrow as pa
+        import ray
+
+        value = pa.concat_tables(ray.get(list(value)))
+    fs, dir_path = open_fs(location.uri, location.storage_options)
+    value_plan = plan(value)
+    data_name = DATA_FILES[value_plan.format]
+    data_path = f"{dir_path}/{data_name}"
+
+    if is_local(fs):
+        fs.makedirs(dir_path, exist_ok=True)
+    remove_quietly(fs, f"{dir_path}/{MANIFEST_NAME}")
+
+    checksum = streams.Checksum(streams.CHECKSUM_ALGORITHM)
+    try:
+        with fs.open(data_path, "wb", block_size=streams.BLOCK_SIZE) as raw:
+            value_plan.write(streams.ChecksummingWriter(raw, checksum))
+    except BaseException:
+        # Closing the file committed whatever was written (an object store upload completes on
+        # close): drop it, so a failed attempt leaves nothing behind but the directory.
+        with contextlib.suppress(Exception):
+            fs.rm_file(data_path)
+        raise
+
+    _remove_stale_data_files(fs, dir_path, keep=data_name)
+    manifest = new_manifest(value, value_plan, checksum, location.producer)
+    save_manifest(fs, dir_path, manifest)
+    return manifest
+
+
+def read_manifest(
+    location_or_uri: CheckpointLocation | str, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Return a checkpoint's manifest without reading its data.
+
+    :raises CheckpointNotFoundError: no manifest (never written, or the write did not finish).
+    :raises CheckpointCorruptError: the manifest is not valid JSON or lacks required keys.
+    """
+    uri, options = _uri_and_options(location_or_uri, storage_options)
+    fs, dir_path = open_fs(uri, options)
+    return load_manifest(fs, dir_path)
+
+
+def read_checkpoint(
+    location_or_uri: CheckpointLocation | str, storage_options: dict[str, Any] | None = None
+) -> Any:
+    """Read a checkpoint back into the value that was written.
+
+    Every byte is checked against the manifest's size and checksum before anything is returned.
+    The data file is read once, in large blocks, into the buffer the value will live in: Parquet,
+    Arrow IPC and pickle data are verified before they are parsed, an ``.npy`` file is read
+    straight into the destination array. ``storage_options`` overrides those of a
+    :class:`CheckpointLocation`.
+
+    :raises CheckpointNotFoundError: no manifest at the location.
+    :raises CheckpointCorruptError: truncated, altered or unparsable data; names the file.
+    """
+    uri, options = _uri_and_options(location_or_uri, storage_options)
+    fs, dir_path = open_fs(uri, options)
+    manifest = load_manifest(fs, dir_path)
+    data_path = f"{dir_path}/{manifest['data_file']}"
+    reader = READERS.get(manifest["format"])
+    if reader is None:
+        raise CheckpointCorruptError(
+            f"Checkpoint {display(fs, data_path)} has unknown format {manifest['format']!r}",
+            display(fs, data_path),
+        )
+    try:
+        size = fs.size(data_path)
+    except FileNotFoundError as exc:
+        raise CheckpointCorruptError(
+            f"Checkpoint data file {display(fs, data_path)} is missing although its manifest exists",
+            display(fs, data_path),
+        ) from exc
+    if size != manifest["bytes"]:
+        raise CheckpointCorruptError(
+            f"Checkpoint data file {display(fs, data_path)} is truncated or altered: "
+            f"{size} bytes, manifest says {manifest['bytes']}",
+            display(fs, data_path),
+        )
+    return reader(fs, data_path, manifest)
+
+
+def delete_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete one checkpoint directory, or a directory of them; a missing one is not an error.
+
+    The manifest goes first, so an interrupted delete leaves a checkpoint that reads as not found
+    rather than one that reads as corrupt.
+    """
+    fs, dir_path = open_fs(uri, storage_options or {})
+    remove_quietly(fs, f"{dir_path}/{MANIFEST_NAME}")
+    remove_tree(fs, dir_path)
+
+
+def delete_run_checkpoints(
+    base_uri: str, dag_id: str, run_id: str, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Delete every checkpoint of one DAG run under ``base_uri`` (retention, run deletion)."""
+    fs, run_path = open_fs(run_uri(base_uri, dag_id, run_id), storage_options or {})
+    remove_tree(fs, run_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCheckpoints:
+    """One DAG run's checkpoint directory, ``<base>/<dag>/<run>/``, as found on the store.
+
+    ``dag`` and ``run`` are directory names, which spell ids as :func:`.paths.path_component` does.
+    """
+
+    uri: str
+    dag: str
+    run: str
+    newest_written: datetime.datetime | None
+    """``created_at`` of the newest manifest below it; None when it holds no complete checkpoint."""
+
+
+def list_run_checkpoints(
+    base_uri: str, storage_options: dict[str, Any] | None = None
+) -> Iterator[RunCheckpoints]:
+    """Every run directory under ``base_uri`` with the age of its newest checkpoint (retention)."""
+    fs, root = open_fs(base_uri, storage_options or {})
+    base = normalize_base(base_uri)
+    for dag_path in subdirectories(fs, root):
+        for run_path in subdirectories(fs, dag_path):
+            written = [
+                datetime.datetime.fromisoformat(json.loads(fs.cat_file(path))["created_at"])
+                for path in fs.find(run_path)
+                if path.endswith("/" + MANIFEST_NAME)
+            ]
+            dag, run = dag_path.rsplit("/", 1)[-1], run_path.rsplit("/", 1)[-1]
+            yield RunCheckpoints(f"{base}/{dag}/{run}/", dag, run, max(written, default=None))
+
+
+def _uri_and_options(
+    location_or_uri: CheckpointLocation | str, storage_options: dict[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    if isinstance(location_or_uri, CheckpointLocation):
+        options = location_or_uri.storage_options if storage_options is None else storage_options
+        return location_or_uri.uri, options
+    return location_or_uri, storage_options or {}
+
+
+def _remove_stale_data_files(fs: AbstractFileSystem, dir_path: str, keep: str) -> None:
+    """Remove data files another format left behind, so a retry leaves one set of files."""
+    fs.invalidate_cache(dir_path)
+    for entry in fs.ls(dir_path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("data.") and name != keep:
+            remove_quietly(fs, entry)

@@ -1,0 +1,95 @@
+"""Durable checkpoints of task outputs, written and read where the data lives.
+
+A checkpoint is one directory per task instance, ``<base>/<dag_id>/<run_id>/<task_id>/<map_index>/``,
+holding one data file with a stable name and a ``manifest.json`` written last::
+
+    >>> import tempfile
+    >>> import pandas as pd
+    >>> from airflow_ray.checkpoint import (
+    ...     CheckpointLocation, checkpoint_uri, read_checkpoint, write_checkpoint)
+    >>> base = tempfile.mkdtemp()  # or "s3://bucket/prefix", with storage_options
+    >>> loc = CheckpointLocation(checkpoint_uri(base, dag_id="etl", run_id="manual__1", task_id="extract"))
+    >>> loc.uri.endswith("/etl/manual__1/extract/-1/")
+    True
+    >>> manifest = write_checkpoint(pd.DataFrame({"x": [1, 2]}), loc)
+    >>> manifest["format"], manifest["data_file"], manifest["rows"]
+    ('parquet', 'data.parquet', 2)
+    >>> read_checkpoint(loc).equals(pd.DataFrame({"x": [1, 2]}))
+    True
+
+Two halves with different homes:
+
+* The Airflow side, in this package: :func:`resolve_checkpoint_location` (module
+  :mod:`~airflow_ray.checkpoint.location`) turns ``checkpoint_path`` / ``checkpoint_source`` /
+  the ``[ray] checkpoint_path`` option into a :class:`CheckpointLocation` (URI plus fsspec
+  credentials taken from the Airflow connection, :mod:`~airflow_ray.checkpoint.credentials`).
+  They import Airflow inside the functions that need it, so importing this package does not.
+  (Running the writes on Ray for a task's outputs is :func:`airflow_ray.outputs.persist`.)
+* The worker side, :mod:`airflow_ray._worker.checkpoint`, re-exported here: :func:`write_checkpoint`,
+  :func:`read_checkpoint` and the list and delete helpers run on a Ray worker next to the data,
+  so a 1 GB output never passes through the Airflow process. They travel to Ray by value and need
+  fsspec (plus s3fs/gcsfs for those stores), pyarrow, numpy/pandas for those types, never Airflow.
+
+Stability: beta. The on-store layout and manifest keys are versioned by ``format_version``
+(:data:`MANIFEST_FORMAT_VERSION`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from airflow_ray._worker.checkpoint import (
+    CHECKSUM_ALGORITHM,
+    MANIFEST_FORMAT_VERSION,
+    MANIFEST_NAME,
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointLocation,
+    CheckpointNotFoundError,
+    RunCheckpoints,
+    checkpoint_uri,
+    delete_checkpoint,
+    delete_run_checkpoints,
+    list_run_checkpoints,
+    path_component,
+    read_checkpoint,
+    read_manifest,
+    write_checkpoint,
+)
+from airflow_ray.checkpoint.location import resolve_checkpoint_location, storage_options_for
+
+__all__ = [
+    "CHECKSUM_ALGORITHM",
+    "MANIFEST_FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointLocation",
+    "CheckpointNotFoundError",
+    "RunCheckpoints",
+    "checkpoint_uri",
+    "delete_checkpoint",
+    "delete_run_checkpoints",
+    "list_run_checkpoints",
+    "path_component",
+    "read_checkpoint",
+    "read_manifest",
+    "resolve_checkpoint_location",
+    "storage_options_for",
+    "write_checkpoint",
+]
+
+_DEPRECATED = {"FORMAT_VERSION": "MANIFEST_FORMAT_VERSION"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(
+            f"airflow_ray.checkpoint.{name} is deprecated: use {new}, the version of the manifest format",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[new]
+    raise AttributeError(f"module 'airflow_ray.checkpoint' has no attribute {name!r}")
