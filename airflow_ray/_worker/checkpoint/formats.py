@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from . import streams
 from .errors import CheckpointCorruptError, CheckpointError
 from .filesystem import display, is_local
-from .manifest import expected_checksum
+from .streams import expected_checksum
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

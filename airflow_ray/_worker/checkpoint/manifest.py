@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
 from .filesystem import display
-from .streams import HASHES
+from .streams import HASHES, expected_checksum
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -116,13 +116,6 @@ def load_manifest(fs: AbstractFileSystem, dir_path: str) -> dict[str, Any]:
             display(fs, path),
         )
     return manifest
-
-
-def expected_checksum(manifest: dict[str, Any]) -> str:
-    """``"<algorithm>:<hex digest>"`` a manifest promises (format_version 1 had only ``sha256``)."""
-    if "checksum" in manifest:
-        return str(manifest["checksum"])
-    return f"sha256:{manifest['sha256']}"
 
 
 def _library_versions() -> dict[str, str | None]:

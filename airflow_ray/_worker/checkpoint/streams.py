@@ -164,3 +164,10 @@ def _byte_view(data: Any) -> memoryview:
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
     return view
+
+
+def expected_checksum(manifest: dict[str, Any]) -> str:
+    """``"<algorithm>:<hex digest>"`` a manifest promises (format_version 1 had only ``sha256``)."""
+    if "checksum" in manifest:
+        return str(manifest["checksum"])
+    return f"sha256:{manifest['sha256']}"
