@@ -11,10 +11,10 @@ module uses (the checklist for a Ray upgrade) and fails if any other module uses
 
     from airflow_ray import compat
 
-    compat.ping("127.0.0.1:6379", client=False, timeout=5.0)  # raises grpc.RpcError if down
+    compat.ping("127.0.0.1:6379", client=False, label="the head")  # RayConnectionError if down
     compat.cluster_status("127.0.0.1:6379")["nodes"]  # 1
 
-Ray is imported inside the functions: importing this module stays free.
+Ray is imported inside the functions: importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ import os
 import sys
 from typing import Any
 
+from airflow_ray.exceptions import RayAuthenticationError, RayConnectionError
+
 #: The Ray minor version every function below was checked against (see ``pyproject.toml``).
 CHECKED_RAY_VERSION = "2.60"
+_PING_TIMEOUT_S = 5.0
 
 
 def apply_env(env: dict[str, str]) -> None:
@@ -65,7 +68,7 @@ def local_bootstrap_address() -> str | None:
     return canonicalize_bootstrap_address("auto")
 
 
-def ping(address: str, *, client: bool, timeout: float) -> None:
+def ping(address: str, *, client: bool, label: str) -> None:
     """One gRPC call to a cluster: its GCS (``host:port``) or, with ``client``, its Ray Client server.
 
     Private APIs: ``ray._private.grpc_utils.init_grpc_channel`` (a channel that sends the auth
@@ -75,10 +78,13 @@ def ping(address: str, *, client: bool, timeout: float) -> None:
     "Failed to connect to Ray cluster" for every cause; this call answers in ~50 ms and tells an
     unreachable address from a rejected token. Checked against Ray 2.60.
 
-    :raises grpc.RpcError: the call failed (``UNAVAILABLE``, ``UNAUTHENTICATED``...).
-    :raises ray.exceptions.AuthenticationError: token mode is on but no token was found to send.
+    :param label: the address as the user gave it and where it came from, for the messages.
+    :raises RayAuthenticationError: the cluster wants a token we do not have, or rejected ours.
+    :raises RayConnectionError: nothing answers there (or a Ray Client version mismatch).
     """
+    import grpc
     from ray._private.grpc_utils import init_grpc_channel
+    from ray.exceptions import AuthenticationError
 
     channel = init_grpc_channel(address, asynchronous=False)
     try:
@@ -88,12 +94,29 @@ def ping(address: str, *, client: bool, timeout: float) -> None:
             request = ray_client_pb2.ClusterInfoRequest(  # type: ignore[attr-defined]
                 type=ray_client_pb2.ClusterInfoType.PING  # type: ignore[attr-defined]
             )
-            ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(request, timeout=timeout)
+            ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(request, timeout=_PING_TIMEOUT_S)
         else:
             from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
             request = gcs_service_pb2.GetClusterIdRequest()  # type: ignore[attr-defined]
-            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(request, timeout=timeout)
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                request, timeout=_PING_TIMEOUT_S
+            )
+    except AuthenticationError as exc:  # token mode, but no token found to send
+        raise RayAuthenticationError(f"Ray authentication failed for {label}: {exc}") from exc
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            raise RayAuthenticationError(
+                f"Ray authentication failed for {label}: the cluster uses token "
+                "authentication and rejected our token. Put the cluster's token (`ray get-auth-token` "
+                "on the head node) in the connection's password field, or set RAY_AUTH_TOKEN / "
+                "RAY_AUTH_TOKEN_PATH for the Airflow worker."
+            ) from exc
+        hint = " Ray Client needs the same Ray and Python versions on both sides." if client else ""
+        raise RayConnectionError(
+            f"Ray cluster unreachable at {label}: {code.name} {exc.details() or ''}.{hint}"
+        ) from exc
     finally:
         channel.close()
 
@@ -106,10 +129,12 @@ def cluster_status(address: str) -> dict[str, Any]:
     ``store_stats``), the calls behind ``ray memory``. The public equivalents need either
     ``ray.init`` (``ray.nodes()``, ``ray.available_resources()``), which would make the CLI a driver
     of the cluster it reports on, or the dashboard (``ray.util.state``), which the embedded cluster
-    runs without by default. Checked against Ray 2.60.
+    runs without by default. Pings first: Ray's own client reports a refused token as "Failed to
+    connect to GCS". Checked against Ray 2.60.
     """
     from ray._private import internal_api
 
+    ping(address, client=False, label=f"{address} (from airflow-ray cluster status)")
     state = internal_api.get_state_from_address(address)
     reply = internal_api.get_memory_info_reply(state)
     nodes = [n for n in state.node_table() if n["Alive"]]

@@ -39,12 +39,11 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
 from airflow_ray import compat
-from airflow_ray.exceptions import RayAuthenticationError, RayConnectionError
+from airflow_ray.exceptions import RayConnectionError
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
 
-_PROBE_TIMEOUT_S = 5.0
 _connect_lock = threading.Lock()
 _connected: RayTarget | None = None
 #: What ``_connected`` was resolved from: (connection id, RAY_URL, RAY_ADDRESS).
@@ -254,33 +253,13 @@ def _ray_initialized() -> bool:
 
 def probe(target: RayTarget) -> None:
     """One gRPC call to the cluster: raises a clear error if it is unreachable or rejects us."""
-    import grpc
-
     if target.address.startswith("anyscale://"):
         return
     address = _bootstrap_address(target)
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise RayConnectionError(f"Invalid Ray address {target.describe()}: expected host:port")
-    from ray.exceptions import AuthenticationError
-
-    try:
-        compat.ping(address, client=target.is_client, timeout=_PROBE_TIMEOUT_S)
-    except AuthenticationError as exc:  # token mode, but no token found to send
-        raise RayAuthenticationError(f"Ray authentication failed for {target.describe()}: {exc}") from exc
-    except grpc.RpcError as exc:
-        code = exc.code()
-        if code == grpc.StatusCode.UNAUTHENTICATED:
-            raise RayAuthenticationError(
-                f"Ray authentication failed for {target.describe()}: the cluster uses token "
-                "authentication and rejected our token. Put the cluster's token (`ray get-auth-token` "
-                "on the head node) in the connection's password field, or set RAY_AUTH_TOKEN / "
-                "RAY_AUTH_TOKEN_PATH for the Airflow worker."
-            ) from exc
-        hint = " Ray Client needs the same Ray and Python versions on both sides." if target.is_client else ""
-        raise RayConnectionError(
-            f"Ray cluster unreachable at {target.describe()}: {code.name} {exc.details() or ''}.{hint}"
-        ) from exc
+    compat.ping(address, client=target.is_client, label=target.describe())
 
 
 # --- private helpers -----------------------------------------------------------------------
