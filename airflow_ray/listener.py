@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @hookimpl
 def on_task_instance_running(previous_state: Any, task_instance: Any) -> None:
-    from airflow_ray.xcom.backend import backend as xcom
+    from airflow_ray.xcom import backend as xcom
 
     xcom.task_starting(task_instance)
 
