@@ -48,8 +48,8 @@ def _gc(*, dry_run: bool, bases: list[str], source: str | None) -> int:
     counts = retention.collect(dry_run=dry_run)
     verb = "would free" if dry_run else "freed"
     print(f"{verb} {counts['freed']} Ray objects whose XCom rows are gone; kept {counts['kept']}")
-    if config.checkpoint_path():
-        bases = [config.checkpoint_path(), *bases]
+    if default_base := config.checkpoint_path():
+        bases = [default_base, *bases]
     for base in dict.fromkeys(bases):
         options = checkpoint.storage_options_for(base, source)
         result = retention.expire_checkpoints(
@@ -65,10 +65,10 @@ def _gc(*, dry_run: bool, bases: list[str], source: str | None) -> int:
 
 def _cluster(action: str, *, as_json: bool) -> int:
     if action == "start":
-        local = cluster.start()
-        print(f"Embedded Ray cluster running at {local.address} (Ray Client: {local.client_address})")
-        if local.dashboard_url:
-            print(f"Dashboard: {local.dashboard_url}")
+        started = cluster.start()
+        print(f"Embedded Ray cluster running at {started.address} (Ray Client: {started.client_address})")
+        if started.dashboard_url:
+            print(f"Dashboard: {started.dashboard_url}")
         return 0
     if action == "stop":
         print(

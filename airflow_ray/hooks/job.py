@@ -210,8 +210,9 @@ class RayJobHook(RayHook):
 
         session = await self._a_session()
         url = f"{self.dashboard.url}{path}"
+        timeout = aiohttp.ClientTimeout(total=_HTTP_TIMEOUT_S)
         try:
-            async with session, session.request(method, url, timeout=_HTTP_TIMEOUT_S) as resp:
+            async with session, session.request(method, url, timeout=timeout) as resp:
                 body = await resp.text()
                 if resp.status in (401, 403):
                     raise RayAuthenticationError(

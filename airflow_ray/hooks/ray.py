@@ -177,8 +177,7 @@ class RayHook(BaseHook):
                 raise RayConnectionError(
                     f"Could not connect to the Ray cluster at {target.describe()}: {exc}"
                 ) from exc
-            if target.dashboard_url is None and getattr(context, "dashboard_url", None):
-                url = context.dashboard_url
+            if target.dashboard_url is None and (url := getattr(context, "dashboard_url", None)):
                 target = _replace(target, dashboard_url=url if "://" in url else f"http://{url}")
                 self.__dict__["target"] = target
             _connected, _connected_for = target, resolved_from
@@ -209,12 +208,12 @@ class RayHook(BaseHook):
         """
         conn = self._connection()
         password = conn.password if conn is not None else None
-        if url := _extra(conn, "dashboard_url"):
+        if conn is not None and (url := _extra(conn, "dashboard_url")):
             return DashboardTarget(url, f"Airflow connection '{conn.conn_id}'", token=http_token(password))
         if url := _dashboard_from_env():
             return DashboardTarget(url, "the environment", token=http_token(password))
-        driver = (conn.host or "").strip() if conn is not None else ""
-        driver = driver or os.environ.get("RAY_URL") or os.environ.get("RAY_ADDRESS")
+        host = (conn.host or "").strip() if conn is not None else ""
+        driver = host or os.environ.get("RAY_URL") or os.environ.get("RAY_ADDRESS")
         if driver:
             raise RayConnectionError(
                 f"No Ray dashboard / Jobs API URL is known for the cluster at {driver}: set the "
@@ -344,6 +343,8 @@ def _extra(conn: Connection | None, key: str) -> Any:
 
 
 def _json_extra(conn: Connection | None, key: str) -> dict[str, Any]:
+    if conn is None:
+        return {}
     value = _extra(conn, key)
     if isinstance(value, str):
         try:

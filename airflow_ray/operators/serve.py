@@ -179,11 +179,8 @@ class RayServeDeployOperator(BaseOperator):
         from airflow_ray._worker import serving
 
         deployment = serve.deployment(
-            serving.MlflowModelServer,
-            name="model",
-            num_replicas=self.num_replicas,
-            ray_actor_options=self.ray_actor_options,
-        )
+            name="model", num_replicas=self.num_replicas, ray_actor_options=self.ray_actor_options
+        )(serving.MlflowModelServer)
         app = deployment.bind(model_uri, server.uri, dict(server.credentials))
         started = time.monotonic()
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve-run")
