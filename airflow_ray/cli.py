@@ -42,9 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 def _gc(*, dry_run: bool, bases: list[str], source: str | None) -> int:
     from airflow_ray import checkpoint, config, retention
     from airflow_ray.hooks import RayHook
-    from airflow_ray.xcom.backend import XCOM_RAY_CONN_ID
 
-    RayHook(XCOM_RAY_CONN_ID).connect()
+    RayHook(config.xcom_conn_id()).connect()  # the connection the XCom backend stores objects through
     counts = retention.collect(dry_run=dry_run)
     verb = "would free" if dry_run else "freed"
     print(f"{verb} {counts['freed']} Ray objects whose XCom rows are gone; kept {counts['kept']}")
