@@ -15,9 +15,12 @@ import json
 import sys
 
 from airflow_ray import cluster
+from airflow_ray._api import public_api
 
 
+@public_api("stable")
 def main(argv: list[str] | None = None) -> int:
+    """The ``airflow-ray`` command (see the module docstring); returns the exit status."""
     parser = argparse.ArgumentParser(prog="airflow-ray", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="group", required=True)
     cluster_parser = sub.add_parser("cluster", help="the embedded local Ray cluster")

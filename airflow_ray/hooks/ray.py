@@ -39,6 +39,7 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
 from airflow_ray import compat
+from airflow_ray._api import public_api
 from airflow_ray.exceptions import RayConnectionError
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ class DashboardTarget:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
 
+@public_api("stable")
 class RayHook(BaseHook):
     """Connects the Airflow task process to a Ray cluster as a driver.
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 from airflow.sdk import BaseOperatorLink
 
+from airflow_ray._api import public_api
+
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
     from airflow.sdk.types import TaskInstanceKey
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 _OWNER_TIMEOUT_S = 5.0
 
 
+@public_api("beta")
 class RayDashboardLink(BaseOperatorLink):
     """Reads the URL the operator set in ``ray_dashboard_link`` (empty: no dashboard, no button)."""
 

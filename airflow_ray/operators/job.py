@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, ResumableJobMixin, conf
 from airflow.sdk.exceptions import AirflowException
 
+from airflow_ray._api import public_api
 from airflow_ray.hooks import RayHook
 from airflow_ray.hooks.job import TERMINAL_STATES, RayJobHook
 from airflow_ray.links.dashboard import RayDashboardLink, job_url
@@ -48,6 +49,7 @@ _ACTIVE = frozenset({"PENDING", "RUNNING"})
 _MISSING = "MISSING"
 
 
+@public_api("beta")
 class RaySubmitJobOperator(ResumableJobMixin, BaseOperator):
     """Submits ``entrypoint`` through the Ray Jobs API and waits for it; returns the submission id.
 

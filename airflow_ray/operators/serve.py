@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
+from airflow_ray._api import public_api
 from airflow_ray.hooks import RayHook
 from airflow_ray.tracking import DEFAULT_CONN_ID, TrackingServer, tracking_server
 
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 
+@public_api("alpha")
 class RayServeDeployOperator(BaseOperator):
     """Deploy ``model_uri`` as the Serve application ``app_name``; smoke-test; roll back on failure.
 
@@ -256,6 +258,7 @@ class RayServeDeployOperator(BaseOperator):
             self.log.exception("Rollback of Serve app '%s' failed", self.app_name)
 
 
+@public_api("alpha")
 class RayServeDeleteOperator(BaseOperator):
     """Delete the Serve application ``app_name`` (a no-op if it does not exist): the teardown.
 
