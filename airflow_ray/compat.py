@@ -14,7 +14,8 @@ module uses (the checklist for a Ray upgrade) and fails if any other module uses
     compat.ping("127.0.0.1:6379", client=False, label="the head")  # RayConnectionError if down
     compat.cluster_status("127.0.0.1:6379")["nodes"]  # 1
 
-Ray is imported inside the functions: importing this module stays cheap.
+Ray (and Airflow, through our exceptions) is imported inside the functions: importing this module
+stays cheap, so the embedded cluster's CLI does not pay for Airflow.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from __future__ import annotations
 import os
 import sys
 from typing import Any
-
-from airflow_ray.exceptions import RayAuthenticationError, RayConnectionError
 
 #: The Ray minor version every function below was checked against (see ``pyproject.toml``).
 CHECKED_RAY_VERSION = "2.60"
@@ -85,6 +84,8 @@ def ping(address: str, *, client: bool, label: str) -> None:
     import grpc
     from ray._private.grpc_utils import init_grpc_channel
     from ray.exceptions import AuthenticationError
+
+    from airflow_ray.exceptions import RayAuthenticationError, RayConnectionError
 
     channel = init_grpc_channel(address, asynchronous=False)
     try:
