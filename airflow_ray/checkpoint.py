@@ -428,61 +428,6 @@ def path_component(value: str) -> str:
 # Airflow side: configuration and connections (imports Airflow lazily).
 
 
-def persist(
-    references: dict[str, Any], *, checkpoint_path: str | None, checkpoint_source: str | None
-) -> dict[str, Any]:
-    """Checkpoint one task instance's outputs before the task succeeds (Airflow side).
-
-    ``references`` maps XCom keys to :class:`~airflow_ray.store.ObjectReference` of one task
-    instance. Each write runs as a Ray task that receives the output's ObjectRef, so the data
-    goes from the object store to storage without passing through this process. One directory
-    per task instance (``<base>/<dag>/<run>/<task>/<map_index>/``, one subdirectory per key of
-    ``multiple_outputs``) with stable names: a retry overwrites, never piles up. Returns the
-    references with their ``checkpoint_uri``.
-    """
-    import dataclasses
-    import logging
-
-    import ray
-
-    from airflow_ray import tasks
-
-    first = next(iter(references.values()))
-    base = resolve_checkpoint_location(
-        checkpoint_path=checkpoint_path,
-        checkpoint_source=checkpoint_source,
-        dag_id=first.dag_id,
-        run_id=first.run_id,
-        task_id=first.task_id,
-        map_index=first.map_index,
-    )
-    locations = {
-        key: base if key == "return_value" else dataclasses.replace(base, uri=f"{base.uri}{key}/")
-        for key in references
-    }
-    write = ray.remote(write_checkpoint).options(num_cpus=0)
-    refs = tasks.resolve(list(references.values()))
-    manifests = ray.get(
-        [
-            write.remote(ref, locations[key], blocks=bool(references[key].summary.get("dataset")))
-            for key, ref in zip(references, refs, strict=True)
-        ]
-    )
-    log = logging.getLogger(__name__)
-    for key, manifest in zip(references, manifests, strict=True):
-        log.info(
-            "Checkpointed the output of %s to %s (%s bytes, %s)",
-            references[key].describe(),
-            locations[key].uri,
-            manifest["bytes"],
-            manifest["checksum"],
-        )
-    return {
-        key: dataclasses.replace(ref, checkpoint_uri=locations[key].uri, checkpoint_source=checkpoint_source)
-        for key, ref in references.items()
-    }
-
-
 def _config_option(key: str) -> str | None:
     """``[ray] checkpoint_path`` / ``checkpoint_conn_id`` through the provider's accessors."""
     from airflow_ray import config

@@ -111,7 +111,7 @@ def _disconnect_from(cluster: LocalCluster) -> None:
         gcs_address = None
     if gcs_address in (None, cluster.address):
         ray.shutdown()
-        from airflow_ray.store import forget_owners
+        from airflow_ray.owners import forget_owners
 
         forget_owners()
 

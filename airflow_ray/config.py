@@ -26,11 +26,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "default": "65536",
     },
     "xcom_conn_id": {
-        "description": "Connection the Ray XCom backend connects with when it stores or reads the value "
-        "of a plain (non-Ray) task; Ray tasks use their own ray_conn_id. A missing connection falls "
-        "through to RAY_URL, RAY_ADDRESS and the embedded local cluster, as for every Ray connection.",
+        "description": "Ray connection of the XCom backend for plain tasks (which have no ray_conn_id "
+        "of their own): where their large outputs are adopted and where their inputs are read.",
         "type": "string",
-        "example": "ray_prod",
+        "example": "ray_default",
         "default": "ray_default",
     },
     "object_ttl_seconds": {

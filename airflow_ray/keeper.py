@@ -25,12 +25,12 @@ def main(argv: list[str]) -> None:
     address, _temp_dir, ready_file = argv
     import ray
 
-    from airflow_ray import config, store
+    from airflow_ray import config, owners
 
     ray.init(address=address, namespace=config.namespace(), log_to_driver=False, configure_logging=False)
-    names = store.owner_names()
-    owners = [store.get_owner(name, create=True) for name in names]
-    ray.get([owner.stats.remote() for owner in owners])  # created and answering
+    names = owners.owner_names()
+    handles = [owners.get_owner(name, create=True) for name in names]
+    ray.get([owner.stats.remote() for owner in handles])  # created and answering
     ready = Path(ready_file)
     ready.with_suffix(".tmp").write_text("\n".join(names))
     ready.with_suffix(".tmp").replace(ready)

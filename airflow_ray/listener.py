@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 @hookimpl
 def on_task_instance_running(previous_state: Any, task_instance: Any) -> None:
-    from airflow_ray.xcom import backend as xcom
+    from airflow_ray import outputs
 
-    xcom.task_starting(task_instance)
+    outputs.task_starting(task_instance)
 
 
 @hookimpl
@@ -44,7 +44,7 @@ def on_starting(component: Any) -> None:
     if config.preload_in_scheduler():
         import ray
 
-        from airflow_ray import store, tasks  # noqa: F401  (what a Ray task's process uses)
+        from airflow_ray import outputs, tasks  # noqa: F401  (what a Ray task's process uses)
         from airflow_ray.hooks import ray as _ray_hook  # noqa: F401
 
         log.info("airflow-ray: Ray %s imported before the LocalExecutor forks its workers", ray.__version__)

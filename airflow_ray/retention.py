@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_ray.store import OWNER_PREFIX
-from airflow_ray.xcom.backend import references_in
+from airflow_ray.outputs import references_in
+from airflow_ray.owners import OWNER_PREFIX
 
 
 def collect(session: Any = None, *, dry_run: bool = False) -> dict[str, int]:
@@ -31,7 +31,7 @@ def collect(session: Any = None, *, dry_run: bool = False) -> dict[str, int]:
     import ray
 
     from airflow_ray import config
-    from airflow_ray.store import get_owner
+    from airflow_ray.owners import get_owner
 
     live = _referenced_object_ids(session)
     kept = freed = 0

@@ -1,35 +1,37 @@
 """Submitting a function to Ray from an Airflow task process, and waiting for it.
 
-The Airflow process never runs the function and never holds its output: it pickles the
+The Airflow process never runs the function and never holds its kept outputs: it pickles the
 function (its real code, closures and DAG-folder helper modules), swaps upstream
-:class:`~airflow_ray.store.ObjectHandle` arguments for ObjectRefs, and asks the owner actor to
-submit :func:`airflow_ray._worker.runner.execute`. While the task runs it streams the function's
-output into the Airflow log, watches for resource requests no node can satisfy, and cancels
-the Ray task if Airflow gives up on it (``execution_timeout``, kill, ``KeyboardInterrupt``).
+:class:`~airflow_ray.references.ObjectHandle` arguments for ObjectRefs, and asks the owner
+actor to submit :func:`airflow_ray._worker.runner.execute`. While the task runs it streams the
+function's output into the Airflow log, watches for resource requests no node can satisfy, and
+cancels the Ray task if Airflow gives up on it (``execution_timeout``, kill, ``KeyboardInterrupt``).
+What the owner replies (kept outputs as ObjectRefs, small ones as values) goes to
+:func:`airflow_ray.outputs.publish`.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
-from airflow_ray._worker.runner import SLOT
+from airflow_ray import outputs
+from airflow_ray._worker.keys import TaskKey
+from airflow_ray._worker.runner import SLOT, same_tuple
 from airflow_ray.exceptions import (
     InfeasibleResourcesError,
-    RayObjectLostError,
     RaySerializationError,
     RayTaskFailedError,
 )
-from airflow_ray.store import ObjectHandle, ObjectReference, forget_owners, get_owner, owner_name
+from airflow_ray.owners import get_owner, owner_name
+from airflow_ray.references import ObjectHandle, ObjectReference
 
-_log = logging.getLogger(__name__)
 _POLL_INTERVAL_S = 0.2
 _FEASIBILITY_INTERVAL_S = 2.0
 _CANCEL_GRACE_S = 10.0
@@ -44,6 +46,14 @@ _LOST_KINDS = (
 _SERIALIZATION_HINTS = ("Could not serialize", "cannot pickle", "Can't pickle")
 
 
+class TaskLog(Protocol):
+    """Where the function's output and our warnings go: a task's ``self.log`` or a stdlib logger."""
+
+    def info(self, msg: Any, /, *args: Any) -> Any: ...
+    def warning(self, msg: Any, /, *args: Any) -> Any: ...
+    def exception(self, msg: Any, /, *args: Any) -> Any: ...
+
+
 @dataclass
 class TaskRequest:
     """Everything needed to run one task instance's function on Ray."""
@@ -51,60 +61,81 @@ class TaskRequest:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    task_key: tuple[str, str, str, int]
+    task_key: TaskKey
     options: dict[str, Any] = field(default_factory=dict)
     split: str | None = None
     infeasible_timeout: float = 60.0
+    #: Outputs JSON-like and smaller than this come back as values; ``None``: every output does.
+    #: The default keeps every output in Ray (see :func:`airflow_ray.outputs.inline_limit`).
+    inline_limit: int | None = 0
+
+    def __post_init__(self) -> None:
+        self.task_key = TaskKey(*self.task_key)  # a plain tuple is accepted too
 
     @property
     def label(self) -> str:
-        dag_id, run_id, task_id, map_index = self.task_key
-        index = "" if map_index < 0 else f"[{map_index}]"
-        return f"task '{task_id}'{index} of DAG '{dag_id}' (run '{run_id}')"
+        return self.task_key.describe()
 
 
-def run(request: TaskRequest, log: logging.Logger) -> list[dict[str, Any]]:
-    """Run the function on Ray and return the owner's description of its outputs.
+def run(request: TaskRequest, log: TaskLog) -> dict[str, Any]:
+    """Run the function on Ray and return the owner's reply: ``outputs`` and ``node_id``.
 
     Raises an Airflow exception with a clear message for every failure; on any exception
     while waiting (timeout, kill) the Ray task is cancelled before the exception propagates.
+    An input that its owner still lists but the cluster lost (its node died) is restored from
+    its checkpoint and the function runs once more.
     """
     import ray
 
     fn_blob = pickle_function(request.fn, request.label)
     template, handles = extract_handles((request.args, request.kwargs))
     references = [h.reference for h in handles]
-    inputs = resolve(references)
+    inputs = outputs.resolve(references)
     call_blob = _dumps(template, f"the arguments of {request.label}")
-    dag_id, run_id, *_ = request.task_key
-    owner = get_owner(owner_name(dag_id, run_id), create=True)
+    owner = get_owner(owner_name(request.task_key.dag_id, request.task_key.run_id), create=True)
     spec = {
         "split": request.split,
         "datasets": [i for i, r in enumerate(references) if r.summary.get("dataset")],
+        "inline_limit": request.inline_limit,
     }
     for attempt in (1, 2):
         run_ref = owner.run.remote(request.task_key, fn_blob, call_blob, inputs, request.options, spec)
         try:
-            _wait(run_ref, owner, request, log)
+            log_offset = _wait(run_ref, owner, request, log)
         except BaseException:
             _cancel(run_ref, owner, request, log)
             raise
-        result = ray.get(run_ref)
-        if result.get("attached"):
+        reply = ray.get(run_ref)
+        _log_lines(reply["log"][log_offset:], log)
+        if reply.get("attached"):
             log.warning(
                 "%s was still running on Ray from an earlier try: used its result instead of running "
                 "the function again",
                 request.label,
             )
-        if result["ok"]:
-            return result["outputs"]
-        lost = _lost_inputs(result["error"], references)
-        if attempt == 2 or not lost or not all(references[i].checkpoint_uri for i in lost):
+        if reply["ok"]:
+            return reply
+        lost = _lost_inputs(reply["error"], references)
+        if attempt == 2 or not lost:
             break
         # Listed by the owner but gone from the cluster (its node died): restore, run again.
         for i in lost:
-            inputs[i] = restore(references[i], result["error"]["kind"])
-    raise _translate(result["error"], request, references)
+            inputs[i] = outputs.recover(references[i], reply["error"]["kind"])
+    raise _translate(reply["error"], request, references)
+
+
+def cancel(task_key: TaskKey, log: TaskLog) -> None:
+    """Airflow is killing the task: cancel its Ray task too (no orphaned work)."""
+    import ray
+
+    try:
+        ray.get(
+            get_owner(owner_name(task_key.dag_id, task_key.run_id)).cancel.remote(task_key),
+            timeout=_CANCEL_GRACE_S,
+        )
+        log.warning("Cancelled the Ray task of %s", task_key.describe())
+    except Exception:
+        log.exception("Could not cancel the Ray task of %s", task_key.describe())
 
 
 def pickle_function(fn: Callable[..., Any], label: str) -> bytes:
@@ -134,82 +165,10 @@ def extract_handles(obj: Any) -> tuple[Any, list[ObjectHandle]]:
         if isinstance(value, list) or type(value).__name__ == "LazyXComSequence":
             return [walk(v) for v in value]  # a mapped upstream's outputs, one handle each
         if isinstance(value, tuple):
-            return tuple(walk(v) for v in value)
+            return same_tuple(value, [walk(v) for v in value])
         return value
 
     return walk(obj), handles
-
-
-def resolve(references: list[ObjectReference]) -> list[Any]:
-    """ObjectRefs for the referenced objects, asked of each owner in one call.
-
-    An object its owner no longer knows about, or an owner that is gone, is an error that
-    names the upstream task and says how to recover.
-    """
-    import ray
-
-    refs: list[Any] = [None] * len(references)
-    by_owner: dict[str, list[int]] = {}
-    for i, reference in enumerate(references):
-        by_owner.setdefault(reference.owner, []).append(i)
-    for name, indexes in by_owner.items():
-        group = [references[i] for i in indexes]
-        try:
-            owner = get_owner(name)
-            boxed = ray.get(owner.lookup.remote([r.entry_key for r in group]))
-        except (ValueError, ray.exceptions.RayActorError):
-            forget_owners()
-            for i in indexes:
-                refs[i] = restore(references[i], f"its owner actor '{name}' is gone")
-            continue
-        for i, reference, box in zip(indexes, group, boxed, strict=True):
-            if box is None:
-                refs[i] = restore(reference, "its owner no longer holds it (freed or owner restarted)")
-            else:
-                refs[i] = box[0]
-    return refs
-
-
-def restore(reference: ObjectReference, why: str) -> Any:
-    """Load a lost object back from its checkpoint into the owner; else a clear error.
-
-    The owner re-registers the restored object, so later readers get it from memory again.
-    """
-    import ray
-
-    from airflow_ray import checkpoint
-
-    if not reference.checkpoint_uri:
-        raise lost_error(reference, why)
-    options = checkpoint.storage_options_for(reference.checkpoint_uri, reference.checkpoint_source)
-    owner = get_owner(reference.owner, create=True)
-    result = ray.get(
-        owner.restore.remote(
-            reference.entry_key,
-            checkpoint.read_checkpoint,
-            reference.checkpoint_uri,
-            options,
-            reference.summary,
-        )
-    )
-    if not result["ok"]:
-        error = result["error"]
-        raise RayObjectLostError(
-            f"The output of {reference.describe()} was lost ({why}) and restoring it from its "
-            f"checkpoint {reference.checkpoint_uri} failed: {error['type']}: {error['message']}"
-        )
-    _log.warning(
-        "Restored the output of %s from its checkpoint %s", reference.describe(), reference.checkpoint_uri
-    )
-    return result["ref"][0]
-
-
-def lost_error(reference: ObjectReference, why: str) -> RayObjectLostError:
-    return RayObjectLostError(
-        f"The output of {reference.describe()} is no longer in Ray's object store: {why}. "
-        f"Clear and re-run '{reference.task_id}' to recompute it, or give it checkpoint=True so "
-        "a lost output is restored from object storage."
-    )
 
 
 def required_resources(options: dict[str, Any]) -> dict[str, float]:
@@ -248,7 +207,12 @@ def missing_resources(wanted: dict[str, float], nodes: list[dict[str, Any]]) -> 
 # --- private helpers -----------------------------------------------------------------------
 
 
-def _wait(run_ref: Any, owner: Any, request: TaskRequest, log: logging.Logger) -> None:
+def _wait(run_ref: Any, owner: Any, request: TaskRequest, log: TaskLog) -> int:
+    """Wait for the owner's reply, streaming the log meanwhile; returns the log chunks shown.
+
+    A task that ends within the first poll interval costs no poll at all: its log arrives
+    with the reply.
+    """
     import ray
 
     offset = 0
@@ -257,13 +221,11 @@ def _wait(run_ref: Any, owner: Any, request: TaskRequest, log: logging.Logger) -
     next_check = 0.0
     while True:
         ready, _ = ray.wait([run_ref], timeout=_POLL_INTERVAL_S)
+        if ready:
+            return offset
         state = ray.get(owner.poll.remote(request.task_key, offset))
         offset = state["offset"]
-        for chunk in state["log"]:
-            for line in chunk.rstrip("\n").split("\n"):
-                log.info("[ray] %s", line)
-        if ready:
-            return
+        _log_lines(state["log"], log)
         now = time.monotonic()
         if state["started"] or now < next_check:
             continue
@@ -282,7 +244,13 @@ def _wait(run_ref: Any, owner: Any, request: TaskRequest, log: logging.Logger) -
         log.warning("Waiting for resources no node has yet: %s", lacking)
 
 
-def _cancel(run_ref: Any, owner: Any, request: TaskRequest, log: logging.Logger) -> None:
+def _log_lines(chunks: list[str], log: TaskLog) -> None:
+    for chunk in chunks:
+        for line in chunk.rstrip("\n").split("\n"):
+            log.info("[ray] %s", line)
+
+
+def _cancel(run_ref: Any, owner: Any, request: TaskRequest, log: TaskLog) -> None:
     """Best effort: cancel the Ray task and wait briefly for the cancellation to land."""
     import ray
 
@@ -299,7 +267,7 @@ def _cancel(run_ref: Any, owner: Any, request: TaskRequest, log: logging.Logger)
 def _translate(error: dict[str, Any], request: TaskRequest, references: list[ObjectReference]) -> Exception:
     kind, details = error["kind"], error["details"]
     if (lost := _lost_inputs(error, references)) is not None:
-        return lost_error(references[lost[0]], details.splitlines()[0] if details else kind)
+        return outputs.lost_error(references[lost[0]], details.splitlines()[0] if details else kind)
     if kind in ("TaskCancelledError",):
         return RayTaskFailedError(f"The Ray task of {request.label} was cancelled.")
     if any(hint in details for hint in _SERIALIZATION_HINTS):

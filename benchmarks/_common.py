@@ -110,7 +110,7 @@ def release_run(dag_id: str, run_id: str) -> None:
     import ray
 
     from airflow_ray.hooks import RayHook
-    from airflow_ray.store import get_owner, owner_name
+    from airflow_ray.owners import get_owner, owner_name
 
     RayHook().connect()
     with contextlib.suppress(ValueError):  # no owner: nothing of this run in Ray

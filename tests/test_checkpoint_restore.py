@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from airflow_ray.exceptions import RayObjectLostError
-from airflow_ray.store import forget_owners, get_owner, owner_name
+from airflow_ray.owners import forget_owners, get_owner, owner_name
 from tests.dags import checkpointed
 from tests.s3_server import aws_connection, s3_server  # noqa: F401
 

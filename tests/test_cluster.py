@@ -123,10 +123,10 @@ def test_keeper_created_the_owners_and_runs_with_the_cluster(ray_cluster):
     """The session's cluster has its keeper driver (see airflow_ray.keeper) among the cluster's
     processes, which ``stop`` ends, and the keeper created every owner shard; a cluster started
     with ``[ray] local_cluster_keeper = False`` (the one of this module) has none."""
-    from airflow_ray import config, store
+    from airflow_ray import config, owners
 
     assert len(_keepers(ray_cluster)) == 1
-    assert (config.local_cluster_dir() / "keeper.ready").read_text().split() == store.owner_names()
+    assert (config.local_cluster_dir() / "keeper.ready").read_text().split() == owners.owner_names()
 
 
 @pytest.mark.slow

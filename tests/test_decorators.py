@@ -36,7 +36,7 @@ def test_dashboard_link_opens_the_run_owner(run_dag, ray_cluster):
     from ray.util.state import list_actors
 
     from airflow_ray.links.dashboard import RayDashboardLink
-    from airflow_ray.store import owner_name
+    from airflow_ray.owners import owner_name
 
     result = run_dag(basics.mixing_dag)
     assert result.state == "success", result.states
@@ -173,7 +173,7 @@ def test_execution_timeout_cancels_the_ray_task(run_dag):
     import psutil
     import ray
 
-    from airflow_ray.store import get_owner, owner_name
+    from airflow_ray.owners import get_owner, owner_name
 
     result = run_dag(failures.timeout_dag)
     assert result.states["sleepy_for_timeout"] == "failed"
@@ -213,13 +213,14 @@ def test_on_kill_cancels_the_running_ray_task(ray_cluster):
     import ray
 
     from airflow_ray import tasks
+    from airflow_ray._worker.keys import TaskKey
     from airflow_ray.exceptions import RayTaskFailedError
     from airflow_ray.hooks import RayHook
     from airflow_ray.operators import RayPythonOperator
-    from airflow_ray.store import get_owner, owner_name
+    from airflow_ray.owners import get_owner, owner_name
 
     RayHook().connect()
-    task_key = ("killed", "run", "sleeper", -1)
+    task_key = TaskKey("killed", "run", "sleeper", -1)
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -239,7 +240,7 @@ def test_on_kill_cancels_the_running_ray_task(ray_cluster):
         assert time.monotonic() < deadline, "the Ray task never started"
         time.sleep(0.2)
     op = RayPythonOperator(task_id="sleeper", python_callable=time.sleep)
-    op._running = (owner_name("killed", "run"), task_key)
+    op._running, op._task_key = True, task_key
     op.on_kill()
     thread.join(timeout=30)
     assert failure and isinstance(failure[0], RayTaskFailedError)
@@ -249,3 +250,47 @@ def test_on_kill_cancels_the_running_ray_task(ray_cluster):
     while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, "the Ray worker still runs 10 s after on_kill"
         time.sleep(0.2)
+
+
+def test_small_outputs_cost_one_owner_call_per_ray_task(run_dag):
+    """The owner's reply to ``run`` carries small outputs as values: no lookup, get or release after.
+
+    Before the owner replied with values, each small output cost ``run`` + ``lookup`` (and a
+    ``ray.get``) + ``release``. ``poll`` calls are left out: a task still running after the first
+    0.2 s poll interval streams its log through them, and how many there are depends on the machine.
+    """
+    from collections import Counter
+
+    from airflow_ray import owners
+    from airflow_ray.hooks import RayHook
+
+    RayHook().connect()
+    name = owners.owner_names()[0]  # one shard in the tests: every run's owner
+    calls: Counter[str] = Counter()
+    owners._handles[name] = _CountingOwner(owners.get_owner(name, create=True), calls)
+    try:
+        result = run_dag(basics.mixing_dag)
+    finally:
+        owners.forget_owners()
+    assert result.state == "success", result.states
+    assert result.xcom("load")["values"] == [1003, 1012, 1027]  # square, then shift, through XCom values
+    assert {method: n for method, n in calls.items() if method != "poll"} == {"run": 2}
+
+
+class _CountingOwner:
+    """An owner actor handle that counts the calls made through it, by method."""
+
+    def __init__(self, handle, calls) -> None:
+        self._handle, self._calls = handle, calls
+
+    def __getattr__(self, method: str):
+        target, calls = getattr(self._handle, method), self._calls
+        if method.startswith("_"):  # not a method call (e.g. the actor id for the dashboard link)
+            return target
+
+        class _Method:
+            def remote(self, *args, **kwargs):
+                calls[method] += 1
+                return target.remote(*args, **kwargs)
+
+        return _Method()

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def test_objects_outlive_their_producers(airflow_services):
     from airflow_ray.hooks import RayHook
-    from airflow_ray.store import get_owner, owner_name
+    from airflow_ray.owners import get_owner, owner_name
 
     airflow_services.trigger("cross_process", "xp1")
     airflow_services.wait_for_run("cross_process", "xp1")

@@ -43,12 +43,6 @@ EXPECTED_PRIVATE_RAY_NAMES = [
     "ray.core.generated.ray_client_pb2_grpc.RayletDriverStub",
 ]
 
-#: Import cycles that exist on purpose for now, each as the set of modules it runs through.
-KNOWN_CYCLES = [
-    # removed by the outputs refactor
-    {"airflow_ray.checkpoint", "airflow_ray.store", "airflow_ray.tasks"},
-]
-
 
 def test_private_ray_names_in_use():
     modules = _parse_package()
@@ -84,10 +78,7 @@ def test_no_import_cycles():
     """Every import counts: module level, inside functions, and under ``TYPE_CHECKING``."""
     graph = _import_graph(_parse_package())
     cycles = _cycles(graph)
-    unknown = [cycle for cycle in cycles if cycle not in KNOWN_CYCLES]
-    assert not unknown, "import cycles:\n" + "\n".join(_describe_cycle(graph, c) for c in unknown)
-    stale = [cycle for cycle in KNOWN_CYCLES if cycle not in cycles]
-    assert not stale, f"cycles in KNOWN_CYCLES that are gone (remove them): {stale}"
+    assert not cycles, "import cycles:\n" + "\n".join(_describe_cycle(graph, c) for c in cycles)
 
 
 def test_ray_task_keeps_the_function_signature_for_type_checkers(tmp_path):

@@ -9,9 +9,10 @@ import time
 import pytest
 import ray
 
-from airflow_ray import tasks
+from airflow_ray import outputs, tasks
 from airflow_ray.exceptions import RayObjectLostError
-from airflow_ray.store import ObjectHandle, forget_owners, get_owner, owner_name
+from airflow_ray.owners import forget_owners, get_owner, owner_name
+from airflow_ray.references import ObjectHandle
 from tests.dags import handoff
 
 
@@ -116,8 +117,8 @@ def test_independent_ray_tasks_run_in_parallel(ray_cluster, tmp_path):
             task_key=("parallel", "run", f"t{i}", -1),
             options={"num_cpus": 0.1},
         )
-        outputs = tasks.run(request, _null_log())
-        results[i] = ray.get(tasks.resolve([_reference("parallel", "run", f"t{i}", outputs[0])])[0])
+        produced = tasks.run(request, _null_log())["outputs"]
+        results[i] = ray.get(outputs.resolve([_reference("parallel", "run", f"t{i}", produced[0])])[0])
 
     started = time.monotonic()
     threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
@@ -158,14 +159,16 @@ def test_retry_attaches_to_the_still_running_ray_task(ray_cluster, tmp_path, cap
         )
 
     first: dict = {}
-    try_1 = threading.Thread(target=lambda: first.update(outputs=tasks.run(request(), _null_log())))
+    try_1 = threading.Thread(
+        target=lambda: first.update(outputs=tasks.run(request(), _null_log())["outputs"])
+    )
     try_1.start()
     deadline = time.monotonic() + 120
     while not runs.exists():  # the function is running
         assert time.monotonic() < deadline, "the first try's function never started"
         time.sleep(0.1)
     with caplog.at_level(logging.WARNING):
-        second = tasks.run(request(), logging.getLogger("retry"))
+        second = tasks.run(request(), logging.getLogger("retry"))["outputs"]
     try_1.join()
     assert len(runs.read_text().splitlines()) == 1  # the function ran once
     assert second[0]["object_id"] == first["outputs"][0]["object_id"]
@@ -190,7 +193,7 @@ def test_purge_and_rerun_free_objects(ray_cluster):
             task_key=("lifetime", "run", "t", -1),
             options={"num_cpus": 0.1},
         )
-        return tasks.run(request, _null_log())[0]
+        return tasks.run(request, _null_log())["outputs"][0]
 
     before = _object_ids(owner, "lifetime")
     first = run_once()
@@ -201,7 +204,7 @@ def test_purge_and_rerun_free_objects(ray_cluster):
     RayXComBackend.purge(XComResult(key="return_value", value=reference.to_json()))
     assert _object_ids(owner, "lifetime") == before
     with pytest.raises(RayObjectLostError, match="task 't' of DAG 'lifetime', run 'run'"):
-        tasks.resolve([reference])
+        outputs.resolve([reference])
 
 
 def test_deleted_run_is_garbage_collected(run_dag, ray_cluster):
@@ -236,7 +239,7 @@ def test_owner_loss_gives_a_clear_error_naming_the_upstream(run_dag):
     assert time.monotonic() - started < 30  # fails fast, never hangs
     handle = ObjectHandle(_reference_from_raw(result.xcom_raw("produce")))
     with pytest.raises(RayObjectLostError):
-        tasks.resolve([handle.reference])
+        outputs.resolve([handle.reference])
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -249,7 +252,7 @@ def _null_log():
 
 
 def _reference(dag_id, run_id, task_id, output):
-    from airflow_ray.store import ObjectReference
+    from airflow_ray.references import ObjectReference
 
     return ObjectReference(
         owner=owner_name(dag_id, run_id),
@@ -264,7 +267,7 @@ def _reference(dag_id, run_id, task_id, output):
 
 
 def _reference_from_raw(raw):
-    from airflow_ray.store import ObjectReference
+    from airflow_ray.references import ObjectReference
 
     return ObjectReference.from_json(raw)
 

@@ -10,8 +10,8 @@ DAG run's objects always live in one shard (picked by a stable hash of ``dag_id,
 so freeing a run is one call. Names carry the package version: ``get_if_exists=True`` would
 otherwise hand an upgraded Airflow an old actor still running old code.
 
-Keys: a task is ``(dag_id, run_id, task_id, map_index)``; an object entry adds the XCom key.
-The class below is Ray-side (standard library + Ray only) and is shipped by value.
+Keys: a task is a :class:`~airflow_ray._worker.keys.TaskKey`; an object entry is an
+:class:`~airflow_ray._worker.keys.OutputKey` (the task plus the XCom key).
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ import zlib
 from typing import Any
 
 from airflow_ray._worker import runner
-
-TaskKey = tuple[str, str, str, int]
-EntryKey = tuple[str, str, str, int, str]
+from airflow_ray._worker.keys import OutputKey, TaskKey
 
 _MAX_LOG_CHARS = 8 * 1024 * 1024
 _SWEEP_INTERVAL_S = 30.0
@@ -41,7 +39,7 @@ class Owner:
         self._ttl = ttl_seconds
         self._max_objects = max_objects
         self._lock = threading.RLock()
-        self._entries: dict[EntryKey, dict[str, Any]] = {}
+        self._entries: dict[tuple[Any, ...], dict[str, Any]] = {}  # by OutputKey, as a tuple
         self._tasks: dict[TaskKey, dict[str, Any]] = {}
         self._execute = ray.remote(runner.execute)
         self._self = ray.get_runtime_context().current_actor
@@ -58,9 +56,14 @@ class Owner:
         options: dict[str, Any],
         spec: dict[str, Any],
     ) -> dict[str, Any]:
-        """Submit the function, wait for it, register its outputs; never raises.
+        """Submit the function, wait for it, and reply with what the Airflow task needs; never raises.
 
-        ``spec`` is :func:`runner.execute`'s (``split``, ``datasets``), less the task key.
+        ``spec`` is :func:`runner.execute`'s (``split``, ``datasets``), less the task key, plus
+        ``inline_limit``: an output that is JSON-like and smaller than this many bytes comes back
+        as its value and is not kept here (``None``: every output comes back as its value).
+        Every other output is registered and comes back as ``object_id``, ``summary`` and its
+        ObjectRef (boxed), so the caller needs no further round trip to use or release it.
+        The reply also carries the whole captured log and the node the function ran on.
 
         ``inputs`` arrive boxed in a list so Ray hands us the ObjectRefs themselves, which we
         pass on as top-level arguments: Ray resolves those on the worker, not here.
@@ -75,7 +78,7 @@ class Owner:
                 attached = current
             else:
                 attached = None
-                state = {
+                state: dict[str, Any] = {
                     "started": None,
                     "log": [],
                     "log_chars": 0,
@@ -85,17 +88,17 @@ class Owner:
                     "result": None,
                 }
                 self._tasks[task_key] = state
-                self._drop(lambda key: key[:4] == task_key)  # a re-run replaces the old outputs
+                self._drop(lambda key: key[:4] == tuple(task_key))  # a re-run replaces the old outputs
         if attached is not None:
             attached["done"].wait()
-            return {**attached["result"], "attached": True}
+            return {**attached["result"], "log": attached["log"], "attached": True}
         try:
             state["result"] = self._execute_and_register(
                 task_key, state, fn_blob, call_blob, inputs, options, spec
             )
         finally:
             state["done"].set()
-        return state["result"]
+        return {**state["result"], "log": state["log"]}
 
     def _execute_and_register(
         self,
@@ -122,14 +125,19 @@ class Owner:
         finally:
             state["finished"] = time.time()
         names = meta["keys"] or ["return_value"]
+        limit = spec.get("inline_limit")
         outputs = []
         now, start = time.time(), 0
         for name, count, summary in zip(names, meta["parts"], meta["summaries"], strict=True):
             parts, start = refs[start : start + count], start + count
             ref = ray.put(parts) if summary.get("dataset") else parts[0]  # a dataset: its blocks
-            object_id = self._register((*task_key, name), ref, summary, now)
-            outputs.append({"key": name, "object_id": object_id, "summary": summary})
-        return {"ok": True, "outputs": outputs}
+            if limit is None or (summary.get("plain") and summary["bytes"] < limit):
+                outputs.append({"key": name, "summary": summary, "value": ray.get(ref)})
+                continue
+            object_id = self._register(task_key.output(name), ref, summary, now)
+            outputs.append({"key": name, "object_id": object_id, "summary": summary, "ref": [ref]})
+        node_id = (state["started"] or {}).get("node_id")
+        return {"ok": True, "outputs": outputs, "node_id": node_id}
 
     def task_started(self, task_key: TaskKey, info: dict[str, Any]) -> None:
         with self._lock:
@@ -166,34 +174,43 @@ class Owner:
 
     # -- the object registry ---------------------------------------------------------------
 
-    def adopt(self, entry_key: EntryKey, value: Any, summary: dict[str, Any]) -> str:
-        """Take ownership of a value produced outside Ray (a plain ``@task`` output)."""
+    def adopt(self, entry_key: OutputKey, value: Any, summary: dict[str, Any]) -> dict[str, Any]:
+        """Take ownership of a value produced outside Ray (a plain ``@task`` output).
+
+        Replies like :meth:`run` does for one kept output: ``object_id`` and the boxed ObjectRef.
+        """
         import ray
 
-        return self._register(entry_key, ray.put(value), summary)
+        return self._adopted(entry_key, ray.put(value), summary)
 
-    def adopt_blocks(self, entry_key: EntryKey, summary: dict[str, Any], *blocks: Any) -> str:
+    def adopt_blocks(self, entry_key: OutputKey, summary: dict[str, Any], *blocks: Any) -> dict[str, Any]:
         """Take ownership of a Ray Data dataset made outside Ray: copy its blocks into objects
         we own (the producer owns the originals and is about to exit)."""
         import ray
 
-        return self._register(entry_key, ray.put([ray.put(block) for block in blocks]), summary)
+        return self._adopted(entry_key, ray.put([ray.put(block) for block in blocks]), summary)
+
+    def _adopted(self, entry_key: OutputKey, ref: Any, summary: dict[str, Any]) -> dict[str, Any]:
+        import ray
+
+        object_id = self._register(entry_key, ref, summary)
+        return {"object_id": object_id, "ref": [ref], "node_id": ray.get_runtime_context().get_node_id()}
 
     def _register(
-        self, entry_key: EntryKey, ref: Any, summary: dict[str, Any], now: float | None = None
+        self, entry_key: OutputKey, ref: Any, summary: dict[str, Any], now: float | None = None
     ) -> str:
         created = time.time() if now is None else now
         with self._lock:
             self._entries[tuple(entry_key)] = {"ref": ref, "created": created, "summary": summary}
         return ref.hex()
 
-    def lookup(self, entry_keys: list[EntryKey]) -> list[list[Any] | None]:
+    def lookup(self, entry_keys: list[OutputKey]) -> list[list[Any] | None]:
         """ObjectRefs for the given entries, each boxed in a list (``None`` if unknown)."""
         with self._lock:
             return [[e["ref"]] if (e := self._entries.get(tuple(k))) else None for k in entry_keys]
 
     def restore(
-        self, entry_key: EntryKey, reader: Any, uri: str, options: dict[str, Any], summary: dict[str, Any]
+        self, entry_key: OutputKey, reader: Any, uri: str, options: dict[str, Any], summary: dict[str, Any]
     ) -> dict[str, Any]:
         """Load a checkpoint on a worker into an object we own, and register it.
 
@@ -202,9 +219,8 @@ class Owner:
         """
         import ray
 
-        value_ref, ok_ref = (
-            ray.remote(_read_checkpoint).options(num_returns=2, num_cpus=0).remote(reader, uri, options)
-        )
+        read: Any = ray.remote(_read_checkpoint).options(num_returns=2, num_cpus=0)
+        value_ref, ok_ref = read.remote(reader, uri, options)
         try:
             ray.get(ok_ref)
         except Exception as exc:

@@ -15,6 +15,7 @@ worker that executed the dataset may exit as soon as the task is done.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import json
 import logging
@@ -49,9 +50,9 @@ def execute(
     with _CapturedOutput(owner, task_key):
         fn = cloudpickle.loads(fn_blob)
         args, kwargs = cloudpickle.loads(call_blob)
-        inputs = [as_dataset(v) if i in spec.get("datasets", ()) else v for i, v in enumerate(inputs)]
-        args = _fill(args, inputs)
-        kwargs = _fill(kwargs, inputs)
+        values = [as_dataset(v) if i in spec.get("datasets", ()) else v for i, v in enumerate(inputs)]
+        args = _fill(args, values)
+        kwargs = _fill(kwargs, values)
         result = fn(*args, **kwargs)
     if spec.get("split") == "keys":
         if not isinstance(result, dict) or not all(isinstance(k, str) for k in result):
@@ -126,22 +127,31 @@ def summarize(value: Any) -> dict[str, Any]:
             summary.update(rows=value.num_rows, columns=value.num_columns, bytes=int(value.nbytes))
         elif isinstance(value, (bytes, bytearray, memoryview, str, list, tuple, dict, set, frozenset)):
             summary.update(length=len(value))
-        if _is_plain(value, [_PLAIN_BUDGET]):  # small JSON-like data: may live in the XCom table
+        if is_plain(value):  # small JSON-like data: may live in the XCom table
             summary.update(plain=True, bytes=len(json.dumps(value, default=str)))
     return summary
 
 
+def is_plain(value: Any) -> bool:
+    """JSON-like data that Airflow's XCom table stores natively, checked in bounded time.
+
+    Numbers, strings, dates and times, and lists/tuples/sets and str-keyed dicts of them, with
+    at most a couple of thousand items in all: beyond that a value is not worth walking, and
+    it goes to the object store whatever its size (see :func:`airflow_ray.outputs.stays_inline`).
+    """
+    return _is_plain(value, [_PLAIN_BUDGET])
+
+
 def _is_plain(value: Any, budget: list[int]) -> bool:
-    """JSON-like (numbers, strings, lists, str-keyed dicts) and small, checked in bounded time."""
     budget[0] -= 1
     if budget[0] < 0:
         return False
-    if value is None or isinstance(value, (bool, int, float)):
+    if value is None or isinstance(value, (bool, int, float, datetime.date, datetime.timedelta)):
         return True
     if isinstance(value, str):
         budget[0] -= len(value) // 64
         return budget[0] >= 0
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         return all(_is_plain(v, budget) for v in value)
     if isinstance(value, dict):
         return all(isinstance(k, str) and _is_plain(v, budget) for k, v in value.items())
@@ -149,6 +159,11 @@ def _is_plain(value: Any, budget: list[int]) -> bool:
 
 
 # --- private helpers -----------------------------------------------------------------------
+
+
+def same_tuple(original: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
+    """``items`` as a tuple of the original's type: a named tuple stays one (``ti`` is)."""
+    return type(original)(*items) if hasattr(original, "_fields") else tuple(items)
 
 
 def _fill(obj: Any, inputs: tuple[Any, ...] | list[Any]) -> Any:
@@ -163,7 +178,7 @@ def _fill(obj: Any, inputs: tuple[Any, ...] | list[Any]) -> Any:
     if isinstance(obj, list):
         return [_fill(v, inputs) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_fill(v, inputs) for v in obj)
+        return same_tuple(obj, [_fill(v, inputs) for v in obj])
     return obj
 
 

@@ -163,7 +163,7 @@ class RayHook(BaseHook):
             probe(target)  # before dropping a working connection to another cluster
             if ray.is_initialized():
                 ray.shutdown()  # we own it: switch clusters (dag.test() runs all tasks in one process)
-            from airflow_ray.store import forget_owners
+            from airflow_ray.owners import forget_owners
 
             forget_owners()  # actor handles of an earlier connection are not valid in this one
             kwargs: dict[str, Any] = {

@@ -54,7 +54,7 @@ def owner_url(dashboard_url: str | None, owner_name: str) -> str | None:
         return None
     import ray
 
-    from airflow_ray.store import get_owner
+    from airflow_ray.owners import get_owner
 
     try:
         actor = get_owner(owner_name)

@@ -15,12 +15,12 @@ import inspect
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import date, datetime, timedelta
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.operators.python import PythonOperator
 
 from airflow_ray import config
+from airflow_ray._worker.keys import TaskInstanceInfo, TaskKey
 from airflow_ray.hooks import RayHook
 from airflow_ray.links.dashboard import RayDashboardLink, owner_url
 
@@ -126,27 +126,22 @@ class RayPythonOperator(PythonOperator):
         self.checkpoint = checkpoint
         self.checkpoint_source = checkpoint_source
         self.checkpoint_path = checkpoint_path
-        self._running: tuple[Any, tuple[str, str, str, int]] | None = None
+        self._running = False
 
     def execute(self, context: Context) -> Any:
         ti = context["ti"]
-        self._task_key = (ti.dag_id, ti.run_id, ti.task_id, ti.map_index)
-        self._context_keys = set(context)
-        self._identity = SimpleNamespace(
-            dag_id=ti.dag_id,
-            run_id=ti.run_id,
-            task_id=ti.task_id,
-            map_index=ti.map_index,
-            try_number=ti.try_number,
+        self._task_key = TaskKey(
+            ti.dag_id, ti.run_id, ti.task_id, -1 if ti.map_index is None else ti.map_index
         )
+        self._context_keys = set(context)
+        self._identity = TaskInstanceInfo(*self._task_key, try_number=ti.try_number)
         return super().execute(context)
 
     def execute_callable(self) -> Any:
-        from airflow_ray import tasks
-        from airflow_ray.store import ObjectReference, get_owner, owner_name, result_for
+        from airflow_ray import outputs, tasks
+        from airflow_ray.owners import owner_name
 
-        hook = RayHook(self.ray_conn_id)
-        target = hook.connect()
+        target = RayHook(self.ray_conn_id).connect()
         request = tasks.TaskRequest(
             fn=self.python_callable,
             args=tuple(self.op_args),
@@ -155,68 +150,31 @@ class RayPythonOperator(PythonOperator):
             options=self.ray_options(target.runtime_env),
             split="keys" if self.multiple_outputs else None,
             infeasible_timeout=config.infeasible_task_timeout(),
+            inline_limit=outputs.inline_limit(),
         )
-        dag_id, run_id, task_id, map_index = self._task_key
-        name = owner_name(dag_id, run_id)
-        self._running = (name, self._task_key)
+        self._running = True
         try:
-            outputs = tasks.run(request, self.log)
+            reply = tasks.run(request, self.log)
         finally:
-            self._running = None
-            self.ray_dashboard_link = owner_url(target.dashboard_url, name)
-        references = {
-            out["key"]: ObjectReference(
-                owner=name,
-                dag_id=dag_id,
-                run_id=run_id,
-                task_id=task_id,
-                map_index=map_index,
-                key=out["key"],
-                object_id=out["object_id"],
-                summary=out["summary"],
-                ray_conn_id=self.ray_conn_id,
+            self._running = False
+            self.ray_dashboard_link = owner_url(
+                target.dashboard_url, owner_name(self._task_key.dag_id, self._task_key.run_id)
             )
-            for out in outputs
-        }
-        import ray
-
-        threshold = config.xcom_threshold_bytes()
-        inline = {
-            k for k, r in references.items() if r.summary.get("plain") and r.summary["bytes"] < threshold
-        }
-        if not _ray_xcom_enabled():
-            inline = set(references)  # Airflow's XCom stores the value itself
-        if self.checkpoint and (stored := {k: r for k, r in references.items() if k not in inline}):
-            from airflow_ray.checkpoint import persist  # values kept in the XCom table are durable
-
-            stored = persist(
-                stored, checkpoint_path=self.checkpoint_path, checkpoint_source=self.checkpoint_source
-            )
-            references.update(stored)
-        values: dict[str, Any] = {}
-        if inline:
-            # Small JSON-like outputs (metrics, ids) live in the XCom table, readable in the UI.
-            refs = tasks.resolve([references[k] for k in inline])
-            values = dict(zip(inline, ray.get(refs), strict=True))
-            owner = get_owner(name)
-            ray.get([owner.release.remote(references[k].entry_key) for k in inline])
-        results = {k: values[k] if k in inline else result_for(r) for k, r in references.items()}
-        return results if self.multiple_outputs else results["return_value"]
+        checkpoint = outputs.CheckpointSettings(self.checkpoint_path, self.checkpoint_source)
+        return outputs.publish(
+            self._task_key,
+            reply,
+            ray_conn_id=self.ray_conn_id,
+            checkpoint=checkpoint if self.checkpoint else None,
+            multiple_outputs=bool(self.multiple_outputs),
+        )
 
     def on_kill(self) -> None:
         """Airflow is killing this task: cancel the Ray task too (no orphaned work)."""
-        if self._running is None:
-            return
-        import ray
+        if self._running:
+            from airflow_ray import tasks
 
-        from airflow_ray.store import get_owner
-
-        name, task_key = self._running
-        try:
-            ray.get(get_owner(name).cancel.remote(task_key), timeout=10)
-            self.log.warning("Cancelled the Ray task of %s", task_key)
-        except Exception:
-            self.log.exception("Could not cancel the Ray task of %s", task_key)
+            tasks.cancel(self._task_key, self.log)
 
     def ray_options(self, connection_runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
         """The ``.options(...)`` for the Ray task: our arguments, under Ray's names."""
@@ -270,11 +228,3 @@ def _merge_runtime_env(base: dict[str, Any], override: dict[str, Any]) -> dict[s
     if "env_vars" in base and "env_vars" in override:
         merged["env_vars"] = {**base["env_vars"], **override["env_vars"]}
     return merged
-
-
-def _ray_xcom_enabled() -> bool:
-    from airflow.sdk.execution_time.xcom import XCom
-
-    from airflow_ray.xcom import RayXComBackend
-
-    return isinstance(XCom, type) and issubclass(XCom, RayXComBackend)

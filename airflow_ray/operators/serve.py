@@ -136,10 +136,10 @@ class RayServeDeployOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from ray import serve
 
-        from airflow_ray.store import ship_ray_side_code
+        from airflow_ray.owners import ship_worker_code
 
         self.hook.connect()
-        ship_ray_side_code()  # Serve replicas may lack airflow-ray: the model server travels by value
+        ship_worker_code()  # Serve replicas may lack airflow-ray: the model server travels by value
         server = tracking_server(self.mlflow_conn_id)
         model_uri = pin_model_uri(self.model_uri, server)
         serve.start(http_options={"host": self.http_host, "port": self.http_port})

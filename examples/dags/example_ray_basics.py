@@ -7,6 +7,7 @@ Runs on the embedded local Ray with nothing configured:
 
 from __future__ import annotations
 
+# [START howto_ray_task]
 import numpy as np
 import pendulum
 from airflow.sdk import dag, task
@@ -14,7 +15,6 @@ from airflow.sdk import dag, task
 from airflow_ray import ray_task
 
 
-# [START howto_ray_task]
 @dag(schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False, tags=["airflow-ray"])
 def example_ray_basics():
     @task
@@ -43,5 +43,5 @@ def example_ray_basics():
     report(summarize(simulate.expand(seed=make_shards())))
 
 
-# [END howto_ray_task]
 example_ray_basics_dag = example_ray_basics()
+# [END howto_ray_task]

@@ -10,6 +10,7 @@ the job's ``working_dir``. Its output appears in the task log as it is written, 
 
 from __future__ import annotations
 
+# [START howto_ray_submit_job]
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,14 +22,13 @@ from airflow_ray.operators import RaySubmitJobOperator
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
-# [START howto_ray_submit_job]
 @dag(schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False, tags=["airflow-ray"])
 def example_ray_job():
     RaySubmitJobOperator(
         task_id="estimate_pi",
-        entrypoint="python pi.py --samples {{ params.samples }}",
-        runtime_env={"working_dir": str(JOBS)},
-        entrypoint_num_cpus=0.25,
+        entrypoint="python pi.py --samples {{ params.samples }}",  # templated
+        runtime_env={"working_dir": str(JOBS)},  # a local directory: uploaded with the job
+        entrypoint_num_cpus=0.25,  # also entrypoint_num_gpus / _memory / _resources
         params={"samples": 200_000},
         deferrable=True,  # wait in the triggerer, not in a worker slot
         execution_timeout=timedelta(minutes=10),  # the job is stopped if it runs longer
@@ -36,6 +36,5 @@ def example_ray_job():
     )
 
 
-# [END howto_ray_submit_job]
-
 example_ray_job()
+# [END howto_ray_submit_job]

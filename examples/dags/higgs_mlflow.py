@@ -56,6 +56,7 @@ def prepare_data(
     return train_test(source, n_rows=n_rows, seed=seed)
 
 
+# [START howto_mlflow_tracking]
 # Drives Tune only: the trials need the CPUs.
 @ray_task(num_cpus=0)
 def tune(
@@ -94,6 +95,10 @@ def tune(
     }
 
 
+# [END howto_mlflow_tracking]
+
+
+# [START howto_register_if_better]
 @ray_task(num_cpus=1)
 def register(tuned: dict[str, Any], test_df: pd.DataFrame, tracking: TrackedRun) -> dict[str, Any]:
     """Promote the tuned model to ``higgs@champion`` if its held-out AUC beats the champion's."""
@@ -117,6 +122,9 @@ def register(tuned: dict[str, Any], test_df: pd.DataFrame, tracking: TrackedRun)
     rows = test_df[FEATURES].head(5)
     smoke = {"dataframe_split": {"columns": FEATURES, "data": rows.to_numpy().tolist()}}
     return {**decision.as_dict(), "smoke_request": smoke}
+
+
+# [END howto_register_if_better]
 
 
 @ray_task(num_cpus=1)
@@ -174,6 +182,7 @@ def compare_roc(
 )
 def higgs_mlflow():
     data = prepare_data(source="{{ params.source }}", n_rows="{{ params.n_rows }}", seed="{{ params.seed }}")
+    # [START howto_mlflow_tracking_call]
     tuned = tune(
         data["train"],
         tracking=MlflowTracking(experiment=EXPERIMENT),
@@ -182,7 +191,9 @@ def higgs_mlflow():
         report_every="{{ params.report_every }}",
         seed="{{ params.seed }}",
     )
+    # [END howto_mlflow_tracking_call]
     decision = register(tuned, data["test"], tracking=MlflowTracking(experiment=EXPERIMENT))
+    # [START howto_serve_deploy]
     deploy = RayServeDeployOperator(
         task_id="deploy",
         app_name=APP,
@@ -191,6 +202,7 @@ def higgs_mlflow():
         http_port="{{ params.serve_port }}",
         ray_actor_options={"num_cpus": 0.25},
     )
+    # [END howto_serve_deploy]
     (
         decision
         >> deploy

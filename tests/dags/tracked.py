@@ -88,6 +88,7 @@ def mlflow_tracked():
 
 @dag(dag_id="mlflow_tune", schedule=None)
 def mlflow_tune():
+    # [START howto_mlflow_tune]
     # Drives Tune only: the trials need the CPUs.
     @ray_task(num_cpus=0)
     def search(tracking: TrackedRun) -> dict:
@@ -107,6 +108,7 @@ def mlflow_tune():
         return {"best_x": results.get_best_result().config["x"], "trials": len(results)}
 
     search(tracking=MlflowTracking(experiment=EXPERIMENT))
+    # [END howto_mlflow_tune]
 
 
 mlflow_tracked_dag = mlflow_tracked()

@@ -1,6 +1,6 @@
-"""Ray's object store as Airflow sees it: references, handles, and the owners that hold them.
+"""The types that stand for a task output kept in Ray's object store (no Ray import needed).
 
-Three small types cross the Airflow/Ray boundary:
+Three small types cross the Airflow/Ray boundary; :mod:`airflow_ray.outputs` builds them:
 
 * :class:`ObjectReference`: the JSON document stored in the XCom table instead of the data. It
   is readable in the UI (type, shape, rows, bytes) and never contains pickled bytes.
@@ -13,19 +13,16 @@ Three small types cross the Airflow/Ray boundary:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import cache
-from pathlib import Path
 from typing import Any
 
+from airflow_ray._worker.keys import OutputKey, TaskKey
+
+#: Key of the JSON document's version: ``{"__airflow_ray__": 1, ...}`` marks a reference.
 MARKER = "__airflow_ray__"
-FORMAT_VERSION = 1
-
-OWNER_PREFIX = "airflow_ray_owner-v"
-
-_owner_cache: dict[str, Any] = {}
+#: Version of the reference document (not the checkpoint manifest's, which has its own).
+REFERENCE_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -45,15 +42,19 @@ class ObjectReference:
     checkpoint_source: str | None = None
 
     @property
-    def entry_key(self) -> tuple[str, str, str, int, str]:
-        return (self.dag_id, self.run_id, self.task_id, self.map_index, self.key)
+    def entry_key(self) -> OutputKey:
+        """The owner's registry key of this output."""
+        return OutputKey(self.dag_id, self.run_id, self.task_id, self.map_index, self.key)
+
+    @property
+    def task(self) -> TaskKey:
+        return self.entry_key.task
 
     def describe(self) -> str:
-        index = "" if self.map_index < 0 else f"[{self.map_index}]"
-        return f"task '{self.task_id}'{index} of DAG '{self.dag_id}', run '{self.run_id}', key '{self.key}'"
+        return self.entry_key.describe()
 
     def to_json(self) -> dict[str, Any]:
-        return {MARKER: FORMAT_VERSION, **asdict(self)}
+        return {MARKER: REFERENCE_FORMAT_VERSION, **asdict(self)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ObjectReference:
@@ -62,7 +63,7 @@ class ObjectReference:
 
     @staticmethod
     def is_reference(data: Any) -> bool:
-        return isinstance(data, dict) and data.get(MARKER) == FORMAT_VERSION and "object_id" in data
+        return isinstance(data, dict) and data.get(MARKER) == REFERENCE_FORMAT_VERSION and "object_id" in data
 
 
 class ObjectHandle:
@@ -85,7 +86,7 @@ class ObjectHandle:
         return f"<Ray object {self.reference.object_id[:12]}… {_short(self.reference.summary)}>{path}"
 
 
-class SequenceHandle(ObjectHandle, Sequence):
+class SequenceHandle(ObjectHandle, Sequence):  # type: ignore[misc]  # items are handles too
     """An :class:`ObjectHandle` to a list/tuple: Airflow's mapping code checks ``Sequence``."""
 
     def __len__(self) -> int:
@@ -125,85 +126,6 @@ def result_for(reference: ObjectReference) -> RayResult:
     if reference.summary.get("type") in ("list", "tuple"):
         return RaySequenceResult(reference)
     return RayResult(reference)
-
-
-def owner_name(dag_id: str, run_id: str) -> str:
-    """The versioned name of the owner actor that holds a DAG run's objects.
-
-    The name carries the package version and a hash of the Ray-side code, so any change to
-    that code (an upgrade, a patch) gets a fresh actor instead of an old one by name.
-    """
-    from airflow_ray import config
-    from airflow_ray._worker.owner import shard_for
-
-    return owner_names()[shard_for(dag_id, run_id, config.owner_shards())]
-
-
-def owner_names() -> list[str]:
-    """The names of all owner shards of this version of the code, shard 0 first."""
-    from airflow_ray import config
-    from airflow_ray.version import __version__
-
-    prefix = f"{OWNER_PREFIX}{__version__}-{_ray_side_code_hash()}"
-    return [f"{prefix}-{shard}" for shard in range(config.owner_shards())]
-
-
-def get_owner(name: str, *, create: bool = False) -> Any:
-    """Handle of a named owner actor; with ``create`` start it (detached, on the head node)."""
-    import ray
-
-    from airflow_ray import config
-
-    if (cached := _owner_cache.get(name)) is not None:
-        return cached
-    ship_ray_side_code()
-    if create:
-        from airflow_ray._worker.owner import Owner
-
-        handle = (
-            ray.remote(Owner)
-            .options(
-                name=name,
-                namespace=config.namespace(),
-                lifetime="detached",
-                get_if_exists=True,
-                max_concurrency=1000,
-                num_cpus=0,
-                resources={"node:__internal_head__": 0.001},
-            )
-            .remote(config.object_ttl_seconds(), config.max_objects())
-        )
-    else:
-        handle = ray.get_actor(name, namespace=config.namespace())
-    _owner_cache[name] = handle
-    return handle
-
-
-def forget_owners() -> None:
-    """Drop cached actor handles (after reconnecting to another cluster)."""
-    _owner_cache.clear()
-
-
-def ship_ray_side_code() -> None:
-    """Send the Ray-side package by value, so clusters need only Ray, not airflow-ray."""
-    import ray.cloudpickle as cloudpickle
-
-    from airflow_ray import _worker, checkpoint
-
-    for module in (_worker, checkpoint):
-        cloudpickle.register_pickle_by_value(module)
-
-
-@cache
-def _ray_side_code_hash() -> str:
-    """A hash of every source file of :mod:`airflow_ray._worker` (names and contents)."""
-    from airflow_ray import _worker
-
-    root = Path(_worker.__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:8]
 
 
 def _short(summary: dict[str, Any]) -> str:

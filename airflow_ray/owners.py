@@ -1,0 +1,96 @@
+"""The owner actors as the Airflow side reaches them: their names, handles and shipped code.
+
+An owner (:class:`airflow_ray._worker.owner.Owner`) is a detached actor that owns task
+outputs so they outlive Airflow task processes. A DAG run's objects always live in one shard,
+picked by a stable hash of ``(dag_id, run_id)``. Names carry the package version and a hash
+of the Ray-side package's source: ``get_if_exists=True`` would otherwise hand an upgraded
+Airflow an old actor still running old code.
+
+A handle is looked up once per process and cluster connection (``ray.get_actor`` is a GCS
+round trip); :func:`forget_owners` drops the handles when the process reconnects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from airflow_ray import config
+from airflow_ray._worker.owner import shard_for
+from airflow_ray.version import __version__
+
+OWNER_PREFIX = "airflow_ray_owner-v"
+
+_handles: dict[str, Any] = {}
+
+
+def owner_name(dag_id: str, run_id: str) -> str:
+    """The versioned name of the owner actor that holds the objects of a DAG run."""
+    return owner_names()[shard_for(dag_id, run_id, config.owner_shards())]
+
+
+def owner_names() -> list[str]:
+    """The names of all owner shards of this version of the code, shard 0 first."""
+    prefix = f"{OWNER_PREFIX}{__version__}-{worker_code_hash()}"
+    return [f"{prefix}-{shard}" for shard in range(config.owner_shards())]
+
+
+def get_owner(name: str, *, create: bool = False) -> Any:
+    """Handle of a named owner actor; with ``create`` start it (detached, on the head node).
+
+    :raises ValueError: without ``create``, when no such actor exists (``ray.get_actor``'s error).
+    """
+    import ray
+
+    if (cached := _handles.get(name)) is not None:
+        return cached
+    ship_worker_code()
+    if create:
+        from airflow_ray._worker.owner import Owner
+
+        handle = (
+            ray.remote(Owner)
+            .options(
+                name=name,
+                namespace=config.namespace(),
+                lifetime="detached",
+                get_if_exists=True,
+                max_concurrency=1000,
+                num_cpus=0,
+                resources={"node:__internal_head__": 0.001},
+            )
+            .remote(config.object_ttl_seconds(), config.max_objects())
+        )
+    else:
+        handle = ray.get_actor(name, namespace=config.namespace())
+    _handles[name] = handle
+    return handle
+
+
+def forget_owners() -> None:
+    """Drop cached actor handles (after reconnecting to another cluster)."""
+    _handles.clear()
+
+
+def ship_worker_code() -> None:
+    """Send :mod:`airflow_ray._worker` by value, so a cluster needs only Ray, not airflow-ray."""
+    import ray.cloudpickle as cloudpickle
+
+    from airflow_ray import _worker, checkpoint
+
+    cloudpickle.register_pickle_by_value(_worker)
+    cloudpickle.register_pickle_by_value(checkpoint)  # until its worker half moves into _worker
+
+
+@cache
+def worker_code_hash() -> str:
+    """A hash of every source file of :mod:`airflow_ray._worker` (names and contents)."""
+    from airflow_ray import _worker
+
+    root = Path(_worker.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:8]
