@@ -15,9 +15,12 @@ import json
 import sys
 
 from airflow_ray import cluster
+from airflow_ray._api import public_api
 
 
+@public_api("stable")
 def main(argv: list[str] | None = None) -> int:
+    """The ``airflow-ray`` command (see the module docstring); returns the exit status."""
     parser = argparse.ArgumentParser(prog="airflow-ray", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="group", required=True)
     cluster_parser = sub.add_parser("cluster", help="the embedded local Ray cluster")
@@ -43,12 +46,12 @@ def _gc(*, dry_run: bool, bases: list[str], source: str | None) -> int:
     from airflow_ray import checkpoint, config, retention
     from airflow_ray.hooks import RayHook
 
-    RayHook(config.xcom_conn_id()).connect()
+    RayHook(config.xcom_conn_id()).connect()  # the connection the XCom backend stores objects through
     counts = retention.collect(dry_run=dry_run)
     verb = "would free" if dry_run else "freed"
     print(f"{verb} {counts['freed']} Ray objects whose XCom rows are gone; kept {counts['kept']}")
-    if config.checkpoint_path():
-        bases = [config.checkpoint_path(), *bases]
+    if default_base := config.checkpoint_path():
+        bases = [default_base, *bases]
     for base in dict.fromkeys(bases):
         options = checkpoint.storage_options_for(base, source)
         result = retention.expire_checkpoints(
@@ -64,10 +67,10 @@ def _gc(*, dry_run: bool, bases: list[str], source: str | None) -> int:
 
 def _cluster(action: str, *, as_json: bool) -> int:
     if action == "start":
-        local = cluster.start()
-        print(f"Embedded Ray cluster running at {local.address} (Ray Client: {local.client_address})")
-        if local.dashboard_url:
-            print(f"Dashboard: {local.dashboard_url}")
+        started = cluster.start()
+        print(f"Embedded Ray cluster running at {started.address} (Ray Client: {started.client_address})")
+        if started.dashboard_url:
+            print(f"Dashboard: {started.dashboard_url}")
         return 0
     if action == "stop":
         print(

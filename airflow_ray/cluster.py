@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from airflow_ray import config
+from airflow_ray import compat, config
 
 LOOPBACK = "127.0.0.1"
 #: Environment for every process that talks to the embedded cluster (see module docstring).
@@ -123,9 +123,8 @@ def current() -> LocalCluster | None:
 
 def status(cluster: LocalCluster) -> dict[str, Any]:
     """Resources and object store use of the embedded cluster, read from its GCS and raylet."""
-    from airflow_ray.hooks import RayHook
-
-    return RayHook.cluster_status(cluster.address, env=LOCAL_ENV)
+    compat.apply_env(LOCAL_ENV)
+    return compat.cluster_status(cluster.address)
 
 
 def ensure_token() -> Path:

@@ -9,11 +9,13 @@ and the code. Tests clear the caches with :func:`clear_caches`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 SECTION = "ray"
+T = TypeVar("T")
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "xcom_threshold_bytes": {
@@ -22,6 +24,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "type": "integer",
         "example": "65536",
         "default": "65536",
+    },
+    "xcom_conn_id": {
+        "description": "Ray connection of the XCom backend for plain tasks (which have no ray_conn_id "
+        "of their own): where their large outputs are adopted and where their inputs are read.",
+        "type": "string",
+        "example": "ray_default",
+        "default": "ray_default",
     },
     "object_ttl_seconds": {
         "description": "Objects of a DAG run are freed this long after they were produced, even if "
@@ -48,13 +57,6 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "type": "string",
         "example": "airflow_ray",
         "default": "airflow_ray",
-    },
-    "xcom_conn_id": {
-        "description": "Ray connection of the XCom backend for plain tasks (which have no ray_conn_id "
-        "of their own): where their large outputs are adopted and where their inputs are read.",
-        "type": "string",
-        "example": "ray_default",
-        "default": "ray_default",
     },
     "infeasible_task_timeout": {
         "description": "Seconds a task may wait for resources that no node of the cluster has before "
@@ -129,127 +131,128 @@ OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def _get(option: str) -> str:
-    """Read an option: environment first (cheap, works in Ray workers), then Airflow config."""
-    env = os.environ.get(f"AIRFLOW__{SECTION.upper()}__{option.upper()}")
-    if env is not None:
-        return env
+    """Read an option: environment first (cheap, works in Ray workers), then Airflow config.
+
+    An unset or empty option reads as its declared default, so accessors never repeat one.
+    """
     default = OPTIONS[option]["default"]
-    try:
-        from airflow.sdk.configuration import conf
+    value = os.environ.get(f"AIRFLOW__{SECTION.upper()}__{option.upper()}")
+    if value is None:
+        try:
+            from airflow.sdk.configuration import conf
 
-        return str(conf.get(SECTION, option, fallback=default))
-    except Exception:  # Airflow not configured (e.g. the CLI on a bare machine)
-        return default
+            value = str(conf.get(SECTION, option, fallback=default))
+        except Exception:  # Airflow not configured (e.g. the CLI on a bare machine)
+            value = default
+    return value.strip() or default
 
 
-def _get_int(option: str) -> int | None:
-    value = _get(option).strip()
+def _get_int(option: str) -> int:
+    return int(_get(option))
+
+
+def _get_optional_int(option: str) -> int | None:
+    """An integer option declared with an empty default, which means "Ray decides"."""
+    value = _get(option)
     return int(value) if value else None
 
 
-@cache
+def _get_flag(option: str) -> bool:
+    return _get(option).lower() in {"1", "true", "yes", "on"}
+
+
+#: ``cache_clear`` of every accessor, filled by :func:`_accessor`.
+_CACHE_CLEARS: list[Callable[[], None]] = []
+
+
+def _accessor(read: Callable[[], T]) -> Callable[[], T]:
+    """Cache an option accessor (read once per process) and register it for :func:`clear_caches`."""
+    cached = cache(read)
+    _CACHE_CLEARS.append(cached.cache_clear)
+    return cached
+
+
+@_accessor
 def xcom_threshold_bytes() -> int:
-    return _get_int("xcom_threshold_bytes") or 0
+    return _get_int("xcom_threshold_bytes")
 
 
-@cache
-def object_ttl_seconds() -> int:
-    return _get_int("object_ttl_seconds") or 0
-
-
-@cache
-def max_objects() -> int:
-    return _get_int("max_objects") or 100_000
-
-
-@cache
-def owner_shards() -> int:
-    return max(1, _get_int("owner_shards") or 1)
-
-
-@cache
-def namespace() -> str:
-    return _get("namespace") or "airflow_ray"
-
-
-@cache
+@_accessor
 def xcom_conn_id() -> str:
-    return _get("xcom_conn_id").strip() or OPTIONS["xcom_conn_id"]["default"]
+    return _get("xcom_conn_id")
 
 
-@cache
+@_accessor
+def object_ttl_seconds() -> int:
+    return _get_int("object_ttl_seconds")
+
+
+@_accessor
+def max_objects() -> int:
+    return _get_int("max_objects")
+
+
+@_accessor
+def owner_shards() -> int:
+    return max(1, _get_int("owner_shards"))
+
+
+@_accessor
+def namespace() -> str:
+    return _get("namespace")
+
+
+@_accessor
 def infeasible_task_timeout() -> float:
-    value = _get_int("infeasible_task_timeout")
-    return float(60 if value is None else value)
+    return float(_get_int("infeasible_task_timeout"))
 
 
-@cache
+@_accessor
 def checkpoint_path() -> str | None:
-    return _get("checkpoint_path").strip() or None
+    return _get("checkpoint_path") or None
 
 
-@cache
+@_accessor
 def checkpoint_conn_id() -> str | None:
-    return _get("checkpoint_conn_id").strip() or None
+    return _get("checkpoint_conn_id") or None
 
 
-@cache
+@_accessor
 def checkpoint_retention_seconds() -> int:
-    return _get_int("checkpoint_retention_seconds") or 0
+    return _get_int("checkpoint_retention_seconds")
 
 
-@cache
+@_accessor
 def preload_in_scheduler() -> bool:
-    return _flag("preload_in_scheduler")
+    return _get_flag("preload_in_scheduler")
 
 
-@cache
+@_accessor
 def local_cluster_dir() -> Path:
-    return Path(_get("local_cluster_dir") or "~/.airflow_ray").expanduser()
+    return Path(_get("local_cluster_dir")).expanduser()
 
 
-@cache
+@_accessor
 def local_cluster_num_cpus() -> int | None:
-    return _get_int("local_cluster_num_cpus")
+    return _get_optional_int("local_cluster_num_cpus")
 
 
-@cache
+@_accessor
 def local_cluster_object_store_bytes() -> int | None:
-    return _get_int("local_cluster_object_store_bytes")
+    return _get_optional_int("local_cluster_object_store_bytes")
 
 
-@cache
+@_accessor
 def local_cluster_dashboard() -> bool:
-    return _flag("local_cluster_dashboard")
+    return _get_flag("local_cluster_dashboard")
 
 
-@cache
+@_accessor
 def local_cluster_keeper() -> bool:
-    return _flag("local_cluster_keeper")
-
-
-def _flag(option: str) -> bool:
-    return _get(option).strip().lower() in {"1", "true", "yes", "on"}
+    return _get_flag("local_cluster_keeper")
 
 
 def clear_caches() -> None:
     """Forget cached option values (tests change the environment between cases)."""
-    for accessor in (
-        xcom_threshold_bytes,
-        object_ttl_seconds,
-        max_objects,
-        owner_shards,
-        namespace,
-        xcom_conn_id,
-        infeasible_task_timeout,
-        checkpoint_path,
-        checkpoint_conn_id,
-        checkpoint_retention_seconds,
-        preload_in_scheduler,
-        local_cluster_dir,
-        local_cluster_num_cpus,
-        local_cluster_object_store_bytes,
-        local_cluster_dashboard,
-        local_cluster_keeper,
-    ):
-        accessor.cache_clear()
+    for cache_clear in _CACHE_CLEARS:
+        cache_clear()

@@ -12,23 +12,30 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowException
 
+from airflow_ray._api import public_api
 
+
+@public_api("stable")
 class RayConnectionError(AirflowException):
     """The Ray cluster could not be reached (wrong address, cluster down, version mismatch)."""
 
 
+@public_api("stable")
 class RayAuthenticationError(RayConnectionError):
     """The cluster rejected our token (Ray token authentication)."""
 
 
+@public_api("stable")
 class InfeasibleResourcesError(AirflowException):
     """No node of the cluster can ever satisfy the task's resource request."""
 
 
+@public_api("stable")
 class RaySerializationError(AirflowException):
     """An argument or return value of a Ray task cannot be pickled."""
 
 
+@public_api("stable")
 class RayTaskFailedError(AirflowException):
     """The function raised on the Ray worker (or was cancelled); the message holds the remote traceback.
 
@@ -36,6 +43,7 @@ class RayTaskFailedError(AirflowException):
     """
 
 
+@public_api("stable")
 class RayObjectLostError(AirflowException):
     """An upstream task's output is no longer in Ray's object store and cannot be restored."""
 

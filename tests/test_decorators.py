@@ -30,6 +30,22 @@ def test_plain_ray_ray_plain(run_dag, request, backend):
         assert result.xcom_raw("square", key="values") == [3, 12, 27]
 
 
+def test_dashboard_link_opens_the_run_owner(run_dag, ray_cluster):
+    """The "Ray Dashboard" button of a Ray task opens the owner actor of its DAG run (its id asked
+    here through the dashboard's own state API)."""
+    from ray.util.state import list_actors
+
+    from airflow_ray.links.dashboard import RayDashboardLink
+    from airflow_ray.owners import owner_name
+
+    result = run_dag(basics.mixing_dag)
+    assert result.state == "success", result.states
+    link = result.xcom_raw("square", key=RayDashboardLink().xcom_key)
+    name = owner_name(result.dag_id, result.run_id)
+    [owner] = list_actors(ray_cluster.dashboard_url, filters=[("name", "=", name), ("state", "=", "ALIVE")])
+    assert link == f"{ray_cluster.dashboard_url}/#/actors/{owner.actor_id}"
+
+
 def test_operator_attributes_and_task_ray_registration():
     from airflow.providers_manager import ProvidersManager
 

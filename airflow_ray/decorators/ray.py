@@ -33,16 +33,19 @@ real return value flows to the next task. Every TaskFlow argument works (``task_
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, overload
 
-from airflow.sdk.bases.decorator import DecoratedOperator, task_decorator_factory
+from airflow.sdk.bases.decorator import (
+    DecoratedOperator,
+    FParams,
+    FReturn,
+    Task,
+    TaskDecorator,
+    task_decorator_factory,
+)
 
+from airflow_ray._api import public_api
 from airflow_ray.operators.python import RayPythonOperator
-
-if TYPE_CHECKING:
-    from airflow.sdk.bases.decorator import Task, TaskDecorator
-
-R = TypeVar("R")
 
 
 class _RayDecoratedOperator(DecoratedOperator, RayPythonOperator):
@@ -66,8 +69,11 @@ class _RayDecoratedOperator(DecoratedOperator, RayPythonOperator):
         )
 
 
+# The Task SDK types its own decorators in a stub (``airflow/sdk/definitions/decorators/__init__.pyi``);
+# ``@task.ray`` gets no such types, so the importable ``ray_task`` carries them: bare, it keeps the
+# function's parameters (``Task[FParams, FReturn]``); with options it returns a ``TaskDecorator``.
 @overload
-def ray_task(python_callable: Callable[..., R]) -> Task[..., R]: ...
+def ray_task(python_callable: Callable[FParams, FReturn]) -> Task[FParams, FReturn]: ...
 
 
 @overload
@@ -92,6 +98,7 @@ def ray_task(
 ) -> TaskDecorator: ...
 
 
+@public_api("stable")
 def ray_task(
     python_callable: Callable[..., Any] | None = None,
     multiple_outputs: bool | None = None,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowNotFoundException
 
+from airflow_ray._api import public_api
 from airflow_ray.exceptions import RayAuthenticationError, RayConnectionError
 from airflow_ray.hooks.ray import DashboardTarget, RayHook, http_token
 
@@ -40,6 +41,7 @@ _TAIL_GRACE_S = 10.0
 _AGENT_WAIT_S = 60.0
 
 
+@public_api("beta")
 class RayJobHook(RayHook):
     """Talks to a cluster's Jobs API.
 
@@ -210,8 +212,9 @@ class RayJobHook(RayHook):
 
         session = await self._a_session()
         url = f"{self.dashboard.url}{path}"
+        timeout = aiohttp.ClientTimeout(total=_HTTP_TIMEOUT_S)
         try:
-            async with session, session.request(method, url, timeout=_HTTP_TIMEOUT_S) as resp:
+            async with session, session.request(method, url, timeout=timeout) as resp:
                 body = await resp.text()
                 if resp.status in (401, 403):
                     raise RayAuthenticationError(

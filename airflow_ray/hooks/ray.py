@@ -38,12 +38,13 @@ from urllib.parse import urlsplit
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
-from airflow_ray.exceptions import RayAuthenticationError, RayConnectionError
+from airflow_ray import compat
+from airflow_ray._api import public_api
+from airflow_ray.exceptions import RayConnectionError
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
 
-_PROBE_TIMEOUT_S = 5.0
 _connect_lock = threading.Lock()
 _connected: RayTarget | None = None
 #: What ``_connected`` was resolved from: (connection id, RAY_URL, RAY_ADDRESS).
@@ -91,6 +92,7 @@ class DashboardTarget:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
 
+@public_api("stable")
 class RayHook(BaseHook):
     """Connects the Airflow task process to a Ray cluster as a driver.
 
@@ -151,13 +153,13 @@ class RayHook(BaseHook):
         if _connected is not None and _connected_for == resolved_from and _ray_initialized():
             return _connected
         target = self.target
-        apply_env(target.env)  # before Ray is imported, if it is not yet
+        compat.apply_env(target.env)  # before Ray is imported, if it is not yet
         import ray
 
         with _connect_lock:
             if ray.is_initialized() and (_connected is None or _connected.address == target.address):
                 return _connected or target
-            apply_env(target.env)
+            compat.apply_env(target.env)
             probe(target)  # before dropping a working connection to another cluster
             if ray.is_initialized():
                 ray.shutdown()  # we own it: switch clusters (dag.test() runs all tasks in one process)
@@ -177,8 +179,7 @@ class RayHook(BaseHook):
                 raise RayConnectionError(
                     f"Could not connect to the Ray cluster at {target.describe()}: {exc}"
                 ) from exc
-            if target.dashboard_url is None and getattr(context, "dashboard_url", None):
-                url = context.dashboard_url
+            if target.dashboard_url is None and (url := getattr(context, "dashboard_url", None)):
                 target = _replace(target, dashboard_url=url if "://" in url else f"http://{url}")
                 self.__dict__["target"] = target
             _connected, _connected_for = target, resolved_from
@@ -189,7 +190,7 @@ class RayHook(BaseHook):
         """Probe the cluster without becoming a driver (used by the UI's Test button)."""
         try:
             target = self.target
-            apply_env(target.env)
+            compat.apply_env(target.env)
             probe(target)
         except Exception as exc:
             return False, str(exc)
@@ -209,12 +210,12 @@ class RayHook(BaseHook):
         """
         conn = self._connection()
         password = conn.password if conn is not None else None
-        if url := _extra(conn, "dashboard_url"):
+        if conn is not None and (url := _extra(conn, "dashboard_url")):
             return DashboardTarget(url, f"Airflow connection '{conn.conn_id}'", token=http_token(password))
         if url := _dashboard_from_env():
             return DashboardTarget(url, "the environment", token=http_token(password))
-        driver = (conn.host or "").strip() if conn is not None else ""
-        driver = driver or os.environ.get("RAY_URL") or os.environ.get("RAY_ADDRESS")
+        host = (conn.host or "").strip() if conn is not None else ""
+        driver = host or os.environ.get("RAY_URL") or os.environ.get("RAY_ADDRESS")
         if driver:
             raise RayConnectionError(
                 f"No Ray dashboard / Jobs API URL is known for the cluster at {driver}: set the "
@@ -237,30 +238,6 @@ class RayHook(BaseHook):
             token=http_token(None, local_token=True),
         )
 
-    @staticmethod
-    def cluster_status(address: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-        """Nodes, resources and object store use of a cluster (for the CLI and tests)."""
-        from ray._private import internal_api
-
-        apply_env(env or {})
-        probe(RayTarget(address=address, source="airflow-ray cluster status"))
-        state = internal_api.get_state_from_address(address)
-        reply = internal_api.get_memory_info_reply(state)
-        nodes = [n for n in state.node_table() if n["Alive"]]
-        totals: dict[str, float] = {}
-        for node in nodes:
-            for name, amount in node["Resources"].items():
-                if not name.startswith("node:"):
-                    totals[name] = totals.get(name, 0.0) + amount
-        return {
-            "address": address,
-            "nodes": len(nodes),
-            "resources": totals,
-            "object_store_used_bytes": int(reply.store_stats.object_store_bytes_used),
-            "object_store_capacity_bytes": int(reply.store_stats.object_store_bytes_avail),
-            "object_store_num_objects": int(reply.store_stats.num_local_objects),
-        }
-
     # -- private ---------------------------------------------------------------------------
 
     def _connection(self) -> Connection | None:
@@ -275,69 +252,15 @@ def _ray_initialized() -> bool:
     return ray is not None and ray.is_initialized()
 
 
-def apply_env(env: dict[str, str]) -> None:
-    """Set Ray's auth/network variables for this process, and make Ray re-read them.
-
-    Ray caches its config and the auth token when it is imported; without the refresh a
-    process that imported Ray before we set ``RAY_AUTH_MODE`` would still send no token.
-    """
-    if not env or all(os.environ.get(k) == v for k, v in env.items()):
-        return
-    os.environ.update(env)
-    if "ray" not in sys.modules:
-        return
-    from ray._private import ray_constants
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in env:  # read once, at import time
-        ray_constants.ENABLE_RAY_CLUSTER = env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
-
-
 def probe(target: RayTarget) -> None:
     """One gRPC call to the cluster: raises a clear error if it is unreachable or rejects us."""
-    import grpc
-
     if target.address.startswith("anyscale://"):
         return
     address = _bootstrap_address(target)
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise RayConnectionError(f"Invalid Ray address {target.describe()}: expected host:port")
-    from ray._private.grpc_utils import init_grpc_channel
-    from ray.exceptions import AuthenticationError
-
-    channel = init_grpc_channel(address, asynchronous=False)
-    try:
-        if target.is_client:
-            from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
-
-            stub = ray_client_pb2_grpc.RayletDriverStub(channel)
-            request = ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING)
-            stub.ClusterInfo(request, timeout=_PROBE_TIMEOUT_S)
-        else:
-            from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
-
-            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
-            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=_PROBE_TIMEOUT_S)
-    except AuthenticationError as exc:  # token mode, but no token found to send
-        raise RayAuthenticationError(f"Ray authentication failed for {target.describe()}: {exc}") from exc
-    except grpc.RpcError as exc:
-        code = exc.code()
-        if code == grpc.StatusCode.UNAUTHENTICATED:
-            raise RayAuthenticationError(
-                f"Ray authentication failed for {target.describe()}: the cluster uses token "
-                "authentication and rejected our token. Put the cluster's token (`ray get-auth-token` "
-                "on the head node) in the connection's password field, or set RAY_AUTH_TOKEN / "
-                "RAY_AUTH_TOKEN_PATH for the Airflow worker."
-            ) from exc
-        hint = " Ray Client needs the same Ray and Python versions on both sides." if target.is_client else ""
-        raise RayConnectionError(
-            f"Ray cluster unreachable at {target.describe()}: {code.name} {exc.details() or ''}.{hint}"
-        ) from exc
-    finally:
-        channel.close()
+    compat.ping(address, client=target.is_client, label=target.describe())
 
 
 # --- private helpers -----------------------------------------------------------------------
@@ -347,9 +270,7 @@ def _bootstrap_address(target: RayTarget) -> str:
     if target.is_client:
         return target.address[len("ray://") :]
     if target.address in ("auto", ""):
-        from ray._private.services import canonicalize_bootstrap_address
-
-        resolved = canonicalize_bootstrap_address("auto")
+        resolved = compat.local_bootstrap_address()
         if resolved is None:
             raise RayConnectionError(
                 f"No running Ray cluster found on this machine for {target.describe()}: "
@@ -424,6 +345,8 @@ def _extra(conn: Connection | None, key: str) -> Any:
 
 
 def _json_extra(conn: Connection | None, key: str) -> dict[str, Any]:
+    if conn is None:
+        return {}
     value = _extra(conn, key)
     if isinstance(value, str):
         try:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, ResumableJobMixin, conf
 from airflow.sdk.exceptions import AirflowException
 
+from airflow_ray._api import public_api
 from airflow_ray.hooks import RayHook
 from airflow_ray.hooks.job import TERMINAL_STATES, RayJobHook
 from airflow_ray.links.dashboard import RayDashboardLink, job_url
@@ -48,6 +49,7 @@ _ACTIVE = frozenset({"PENDING", "RUNNING"})
 _MISSING = "MISSING"
 
 
+@public_api("beta")
 class RaySubmitJobOperator(ResumableJobMixin, BaseOperator):
     """Submits ``entrypoint`` through the Ray Jobs API and waits for it; returns the submission id.
 
@@ -120,6 +122,7 @@ class RaySubmitJobOperator(ResumableJobMixin, BaseOperator):
 
     def execute(self, context: Context) -> str:
         self.execute_resumable(context)
+        assert self.submission_id is not None  # every path of execute_resumable attaches a job
         return self.submission_id
 
     # -- ResumableJobMixin -------------------------------------------------------------------
@@ -151,14 +154,14 @@ class RaySubmitJobOperator(ResumableJobMixin, BaseOperator):
         return status == "SUCCEEDED"
 
     def poll_until_complete(self, external_id: Any, context: Context) -> None:
-        self._attach(str(external_id), context)
+        submission_id = self._attach(str(external_id), context)
         if not self.wait_for_completion:
             return
-        if self.deferrable and self.hook.get_job_status(self.submission_id) not in TERMINAL_STATES:
+        if self.deferrable and self.hook.get_job_status(submission_id) not in TERMINAL_STATES:
             dashboard = self.hook.dashboard
             self.defer(
                 trigger=RayJobTrigger(
-                    submission_id=self.submission_id,
+                    submission_id=submission_id,
                     ray_conn_id=self.ray_conn_id,
                     dashboard_url=dashboard.url,
                     local_token=dashboard.local_token,
@@ -167,16 +170,15 @@ class RaySubmitJobOperator(ResumableJobMixin, BaseOperator):
                 method_name="execute_complete",
                 timeout=self.execution_timeout,
             )
-        wait = self.hook.a_wait_for_job(
-            self.submission_id, on_log=self._log_line, poll_interval=self.poll_interval
+        info = asyncio.run(
+            self.hook.a_wait_for_job(submission_id, on_log=self._log_line, poll_interval=self.poll_interval)
         )
-        info = asyncio.run(wait)
-        self._finish(info["status"], info.get("message"))
+        self._finish(submission_id, info["status"], info.get("message"))
 
     def get_job_result(self, external_id: Any, context: Context) -> str:
-        self._attach(str(external_id), context)
+        submission_id = self._attach(str(external_id), context)
         self.log.info("Ray job %s already succeeded in an earlier try; not running it again", external_id)
-        return self.submission_id
+        return submission_id
 
     # -- deferral ----------------------------------------------------------------------------
 
@@ -184,9 +186,9 @@ class RaySubmitJobOperator(ResumableJobMixin, BaseOperator):
         """Resumed from :class:`RayJobTrigger`: the job has ended (or could not be watched)."""
         if not isinstance(event, dict) or "submission_id" not in event:
             raise AirflowException(f"Unexpected event from RayJobTrigger: {event!r}")
-        self._attach(event["submission_id"], context, push=False)
-        self._finish(event.get("job_status", "UNKNOWN"), event.get("message"))
-        return self.submission_id
+        submission_id = self._attach(event["submission_id"], context, push=False)
+        self._finish(submission_id, event.get("job_status", "UNKNOWN"), event.get("message"))
+        return submission_id
 
     def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
         """A deferral timeout resumes the task only to fail it: stop the job first."""
@@ -209,30 +211,31 @@ class RaySubmitJobOperator(ResumableJobMixin, BaseOperator):
 
     # -- private -----------------------------------------------------------------------------
 
-    def _attach(self, submission_id: str, context: Context, *, push: bool = True) -> None:
+    def _attach(self, submission_id: str, context: Context, *, push: bool = True) -> str:
         """Remember the job (for on_kill) and publish its dashboard link before waiting."""
         self.submission_id = submission_id
         dashboard = self.hook.dashboard
         self.ray_dashboard_link = job_url(dashboard.url, submission_id)
         if push and self.ray_dashboard_link:
             context["ti"].xcom_push(key=RayDashboardLink().xcom_key, value=self.ray_dashboard_link)
+        return submission_id
 
     def _log_line(self, line: str) -> None:
         self.log.info("[ray job] %s", line)
 
-    def _finish(self, status: str, message: str | None) -> None:
+    def _finish(self, submission_id: str, status: str, message: str | None) -> None:
         self._finished = True
         if status == "SUCCEEDED":
-            self.log.info("Ray job %s succeeded", self.submission_id)
+            self.log.info("Ray job %s succeeded", submission_id)
             return
         try:
-            logs = self.hook.client.get_job_logs(self.submission_id)
+            logs = self.hook.client.get_job_logs(submission_id)
         except Exception as exc:  # the status is the news; the log tail is a courtesy
             logs = f"(could not fetch the job log: {exc})"
         tail = "\n".join(logs.rstrip("\n").splitlines()[-LOG_TAIL_LINES:])
         summary = (message or "").strip().splitlines()[0] if message and message.strip() else ""
         raise AirflowException(
-            f"Ray job {self.submission_id} ended {status}"
+            f"Ray job {submission_id} ended {status}"
             f"{': ' + summary if summary else ''} (dashboard: {self.hook.dashboard.url}).\n"
             f"Last {LOG_TAIL_LINES} lines of the job log:\n{tail}"
         )
@@ -245,7 +248,8 @@ def job_submission_id(ti: RuntimeTaskInstanceProtocol) -> str:
     of the untruncated key, so two task instances never share an id; one id per try, because
     Ray refuses to reuse a submission id and a failed try's job must stay inspectable.
     """
-    key = f"{ti.dag_id}.{ti.task_id}{f'.{ti.map_index}' if ti.map_index >= 0 else ''}.{ti.run_id}"
+    mapped = ti.map_index is not None and ti.map_index >= 0
+    key = f"{ti.dag_id}.{ti.task_id}{f'.{ti.map_index}' if mapped else ''}.{ti.run_id}"
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)[:96]
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"airflow-{readable}-{digest}-try{ti.try_number}"

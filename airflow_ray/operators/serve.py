@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
+from airflow_ray._api import public_api
 from airflow_ray.hooks import RayHook
 from airflow_ray.tracking import DEFAULT_CONN_ID, TrackingServer, tracking_server
 
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 
+@public_api("alpha")
 class RayServeDeployOperator(BaseOperator):
     """Deploy ``model_uri`` as the Serve application ``app_name``; smoke-test; roll back on failure.
 
@@ -179,11 +181,8 @@ class RayServeDeployOperator(BaseOperator):
         from airflow_ray._worker import serving
 
         deployment = serve.deployment(
-            serving.MlflowModelServer,
-            name="model",
-            num_replicas=self.num_replicas,
-            ray_actor_options=self.ray_actor_options,
-        )
+            name="model", num_replicas=self.num_replicas, ray_actor_options=self.ray_actor_options
+        )(serving.MlflowModelServer)
         app = deployment.bind(model_uri, server.uri, dict(server.credentials))
         started = time.monotonic()
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve-run")
@@ -259,6 +258,7 @@ class RayServeDeployOperator(BaseOperator):
             self.log.exception("Rollback of Serve app '%s' failed", self.app_name)
 
 
+@public_api("alpha")
 class RayServeDeleteOperator(BaseOperator):
     """Delete the Serve application ``app_name`` (a no-op if it does not exist): the teardown.
 

@@ -18,9 +18,11 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_ray._api import public_api
 from airflow_ray.hooks.job import RayJobHook
 
 
+@public_api("beta")
 class RayJobTrigger(BaseTrigger):
     """Fires one event when the job reaches a terminal state: ``{"status", "message", "submission_id"}``.
 

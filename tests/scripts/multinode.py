@@ -18,8 +18,8 @@ STORE_BYTES = 200 * 1024**2
 def main(temp_dir: str) -> dict:
     from ray.cluster_utils import Cluster
 
+    from airflow_ray.compat import apply_env
     from airflow_ray.hooks import RayHook
-    from airflow_ray.hooks.ray import apply_env
     from tests.dags import remote
     from tests.helpers import run_dag
 
@@ -90,8 +90,9 @@ def _node_loss(cluster, special, temp_dir: str) -> dict:
 
 def _auth_behaviour(address: str) -> dict:
     """Does this cluster demand a token? Probe it without one and with the local token file."""
+    from airflow_ray.compat import apply_env
     from airflow_ray.exceptions import RayConnectionError
-    from airflow_ray.hooks.ray import RayTarget, apply_env, probe
+    from airflow_ray.hooks.ray import RayTarget, probe
 
     outcome = {}
     for label, env in (

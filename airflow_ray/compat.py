@@ -1,0 +1,154 @@
+"""The one place where airflow-ray reaches into Ray's private APIs.
+
+Ray keeps no promise about ``ray._private``, ``ray._raylet``, ``ray.core.generated`` or the
+underscore attributes of its objects: any minor release may rename or remove them. Every such
+use is a small function here, whose docstring names the private API, why no public one does the
+job, and the Ray version it was checked against. ``pyproject.toml`` bounds Ray to that minor
+version; ``tests/test_structure.py::test_private_ray_names_in_use`` lists the private names this
+module uses (the checklist for a Ray upgrade) and fails if any other module uses one.
+
+.. code-block:: python
+
+    from airflow_ray import compat
+
+    compat.ping("127.0.0.1:6379", client=False, label="the head")  # RayConnectionError if down
+    compat.cluster_status("127.0.0.1:6379")["nodes"]  # 1
+
+Ray (and Airflow, through our exceptions) is imported inside the functions: importing this module
+stays cheap, so the embedded cluster's CLI does not pay for Airflow.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+#: The Ray minor version every function below was checked against (see ``pyproject.toml``).
+CHECKED_RAY_VERSION = "2.60"
+_PING_TIMEOUT_S = 5.0
+
+
+def apply_env(env: dict[str, str]) -> None:
+    """Set Ray's auth/network environment variables for this process, and make Ray re-read them.
+
+    Private APIs: ``ray._raylet.Config.initialize``, ``ray._raylet.AuthenticationTokenLoader``
+    (``.instance().reset_cache()``) and ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``.
+    Ray reads ``RAY_AUTH_MODE``, the token and ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, when it
+    is imported; a process that imported Ray before we chose a cluster (a scheduler-preloaded task
+    process, ``dag.test()`` switching clusters) would otherwise keep sending no token, or resolve
+    "localhost" to the machine's external IP. Ray has no public way to reload them.
+    Checked against Ray 2.60.
+    """
+    if not env or all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    os.environ.update(env)
+    if "ray" not in sys.modules:
+        return  # Ray reads the variables when it is imported
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+    if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in env:  # read once, at import time
+        ray_constants.ENABLE_RAY_CLUSTER = env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def local_bootstrap_address() -> str | None:
+    """The GCS address of the Ray cluster running on this machine (what ``address="auto"`` means).
+
+    Private API: ``ray._private.services.canonicalize_bootstrap_address("auto")``, which reads
+    the address file the head writes (``/tmp/ray/ray_current_cluster``). ``ray.init("auto")``
+    does the same but connects; we need the address before connecting, to probe it.
+    Checked against Ray 2.60. Returns None when no cluster runs here.
+    """
+    from ray._private.services import canonicalize_bootstrap_address
+
+    return canonicalize_bootstrap_address("auto")
+
+
+def ping(address: str, *, client: bool, label: str) -> None:
+    """One gRPC call to a cluster: its GCS (``host:port``) or, with ``client``, its Ray Client server.
+
+    Private APIs: ``ray._private.grpc_utils.init_grpc_channel`` (a channel that sends the auth
+    token the way Ray's own processes do) and the generated stubs in ``ray.core.generated``
+    (``gcs_service_pb2[_grpc]``: ``NodeInfoGcsService.GetClusterId``; ``ray_client_pb2[_grpc]``:
+    ``RayletDriver.ClusterInfo`` with ``PING``). ``ray.init`` retries for ~20 s and then reports
+    "Failed to connect to Ray cluster" for every cause; this call answers in ~50 ms and tells an
+    unreachable address from a rejected token. Checked against Ray 2.60.
+
+    :param label: the address as the user gave it and where it came from, for the messages.
+    :raises RayAuthenticationError: the cluster wants a token we do not have, or rejected ours.
+    :raises RayConnectionError: nothing answers there (or a Ray Client version mismatch).
+    """
+    import grpc
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.exceptions import AuthenticationError
+
+    from airflow_ray.exceptions import RayAuthenticationError, RayConnectionError
+
+    channel = init_grpc_channel(address, asynchronous=False)
+    try:
+        if client:
+            from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
+
+            request = ray_client_pb2.ClusterInfoRequest(  # type: ignore[attr-defined]
+                type=ray_client_pb2.ClusterInfoType.PING  # type: ignore[attr-defined]
+            )
+            ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(request, timeout=_PING_TIMEOUT_S)
+        else:
+            from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+            request = gcs_service_pb2.GetClusterIdRequest()  # type: ignore[attr-defined]
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                request, timeout=_PING_TIMEOUT_S
+            )
+    except AuthenticationError as exc:  # token mode, but no token found to send
+        raise RayAuthenticationError(f"Ray authentication failed for {label}: {exc}") from exc
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            raise RayAuthenticationError(
+                f"Ray authentication failed for {label}: the cluster uses token "
+                "authentication and rejected our token. Put the cluster's token (`ray get-auth-token` "
+                "on the head node) in the connection's password field, or set RAY_AUTH_TOKEN / "
+                "RAY_AUTH_TOKEN_PATH for the Airflow worker."
+            ) from exc
+        hint = " Ray Client needs the same Ray and Python versions on both sides." if client else ""
+        raise RayConnectionError(
+            f"Ray cluster unreachable at {label}: {code.name} {exc.details() or ''}.{hint}"
+        ) from exc
+    finally:
+        channel.close()
+
+
+def cluster_status(address: str) -> dict[str, Any]:
+    """Nodes, resources and object store use of a cluster, read without becoming its driver.
+
+    Private APIs: ``ray._private.internal_api.get_state_from_address`` (a GCS client:
+    ``node_table()``) and ``ray._private.internal_api.get_memory_info_reply`` (a raylet's
+    ``store_stats``), the calls behind ``ray memory``. The public equivalents need either
+    ``ray.init`` (``ray.nodes()``, ``ray.available_resources()``), which would make the CLI a driver
+    of the cluster it reports on, or the dashboard (``ray.util.state``), which the embedded cluster
+    runs without by default. Pings first: Ray's own client reports a refused token as "Failed to
+    connect to GCS". Checked against Ray 2.60.
+    """
+    from ray._private import internal_api
+
+    ping(address, client=False, label=f"{address} (from airflow-ray cluster status)")
+    state = internal_api.get_state_from_address(address)
+    reply = internal_api.get_memory_info_reply(state)
+    nodes = [n for n in state.node_table() if n["Alive"]]
+    totals: dict[str, float] = {}
+    for node in nodes:
+        for name, amount in node["Resources"].items():
+            if not name.startswith("node:"):
+                totals[name] = totals.get(name, 0.0) + amount
+    return {
+        "address": address,
+        "nodes": len(nodes),
+        "resources": totals,
+        "object_store_used_bytes": int(reply.store_stats.object_store_bytes_used),
+        "object_store_capacity_bytes": int(reply.store_stats.object_store_bytes_avail),
+        "object_store_num_objects": int(reply.store_stats.num_local_objects),
+    }
