@@ -121,12 +121,13 @@ class MlflowTracking:
         from mlflow.entities import RunStatus
 
         ti = context["ti"]
+        map_index = -1 if ti.map_index is None else ti.map_index
         server = tracking_server(self.conn_id)
-        identity = airflow_tags(ti.dag_id, ti.run_id, ti.task_id, ti.try_number, ti.map_index)
+        identity = airflow_tags(ti.dag_id, ti.run_id, ti.task_id, ti.try_number, map_index)
         with _environment(server.credentials):
             client = MlflowClient(server.uri)
             experiment_id = _experiment_id(client, self.experiment, self.artifact_location)
-            default_name = ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"
+            default_name = ti.task_id if map_index < 0 else f"{ti.task_id}[{map_index}]"
             run = client.create_run(
                 experiment_id,
                 run_name=self.run_name or default_name,
@@ -224,7 +225,7 @@ def _connection(conn_id: str) -> Connection | None:
 
 
 def _uri_from_connection(conn: Connection) -> str:
-    host = conn.host.strip().rstrip("/")
+    host = (conn.host or "").strip().rstrip("/")
     if "://" not in host:
         host = f"{conn.schema or 'http'}://{host}"
     parts = urlsplit(host)

@@ -139,23 +139,31 @@ PUBLIC_API = {
     "airflow_ray.exceptions.RayTaskFailedError": "stable",
     "airflow_ray.exceptions.RayObjectLostError": "stable",
     "airflow_ray.cli.main": "stable",
-}
-#: Public names in modules being rewritten on other branches: marked when those branches merge.
-PUBLIC_API_UNMARKED = {
     "airflow_ray.xcom.RayXComBackend": "stable",
     "airflow_ray.operators.RayPythonOperator": "beta",
+    **{
+        f"airflow_ray.checkpoint.{name}": "beta"
+        for name in (
+            "CheckpointLocation",
+            "CheckpointError",
+            "CheckpointCorruptError",
+            "CheckpointNotFoundError",
+            "checkpoint_uri",
+            "write_checkpoint",
+            "read_checkpoint",
+            "read_manifest",
+            "delete_checkpoint",
+            "delete_run_checkpoints",
+            "list_run_checkpoints",
+            "resolve_checkpoint_location",
+        )
+    },
 }
 
 
 @pytest.mark.parametrize(
     "path, stability",
-    [
-        *PUBLIC_API.items(),
-        *(
-            pytest.param(path, level, marks=pytest.mark.xfail(reason="marked when merged", strict=True))
-            for path, level in PUBLIC_API_UNMARKED.items()
-        ),
-    ],
+    list(PUBLIC_API.items()),
 )
 def test_public_names_carry_their_stability_mark(path, stability):
     module, _, name = path.rpartition(".")

@@ -1,4 +1,4 @@
-"""Everything that runs on the Ray cluster: owner actors, the task runner, Serve replicas.
+"""Everything that runs on the Ray cluster: owners, task runner, checkpoints, tracking, Serve.
 
 This package is Ray-side. Its modules import only the standard library, Ray and the data
 libraries they handle (numpy, pandas, pyarrow, fsspec), never Airflow and never the rest of

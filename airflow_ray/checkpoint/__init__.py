@@ -39,6 +39,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from airflow_ray._api import public_api
 from airflow_ray._worker.checkpoint import (
     CHECKSUM_ALGORITHM,
     MANIFEST_FORMAT_VERSION,
@@ -58,6 +59,24 @@ from airflow_ray._worker.checkpoint import (
     write_checkpoint,
 )
 from airflow_ray.checkpoint.location import resolve_checkpoint_location, storage_options_for
+
+# The worker side cannot import Airflow-side code, so its public names are marked here, where they
+# become public (the mark sets an attribute and a docstring line on the objects themselves).
+for _public in (
+    CheckpointLocation,
+    CheckpointError,
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    checkpoint_uri,
+    write_checkpoint,
+    read_checkpoint,
+    read_manifest,
+    delete_checkpoint,
+    delete_run_checkpoints,
+    list_run_checkpoints,
+    resolve_checkpoint_location,
+):
+    public_api("beta")(_public)
 
 __all__ = [
     "CHECKSUM_ALGORITHM",

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.standard.operators.python import PythonOperator
 
 from airflow_ray import config
+from airflow_ray._api import public_api
 from airflow_ray._worker.keys import TaskInstanceInfo, TaskKey
 from airflow_ray.hooks import RayHook
 from airflow_ray.links.dashboard import RayDashboardLink, owner_url
@@ -43,6 +44,7 @@ _ATTRIBUTE = {"resources": "ray_resources"}
 _PORTABLE = (str, int, float, bool, type(None), datetime, date, timedelta)
 
 
+@public_api("beta")
 class RayPythonOperator(PythonOperator):
     """Runs ``python_callable`` as a Ray task; its return value becomes the XCom.
 

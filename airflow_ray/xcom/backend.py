@@ -32,16 +32,19 @@ from typing import Any
 
 from airflow.sdk.bases.xcom import BaseXCom
 
+from airflow_ray._api import public_api
+
 log = logging.getLogger(__name__)
 
 #: The marker of a stored reference (see :data:`airflow_ray.references.MARKER`).
 _MARKER = "__airflow_ray__"
 
 
+@public_api("stable")
 class RayXComBackend(BaseXCom):
     """XCom backend storing values in Ray's object store and references in the XCom table.
 
-    Stability: stable (the path ``airflow_ray.xcom.RayXComBackend`` and the stored reference format).
+    The stored reference format is versioned (:data:`airflow_ray.references.REFERENCE_FORMAT_VERSION`).
     """
 
     _airflow_ray_backend = True  # how airflow_ray.outputs recognises us (and subclasses)

@@ -214,7 +214,7 @@ def _ndarray_blocks(array: Any, fortran_order: bool) -> Iterator[memoryview]:
     rows_per_block = max(1, streams.BLOCK_SIZE // row_bytes)
     for start in range(0, array.shape[0], rows_per_block):
         block = np.ascontiguousarray(array[start : start + rows_per_block])
-        yield memoryview(block.reshape(-1).view(np.uint8))
+        yield memoryview(block.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy arrays are buffers
 
 
 def _plan_pickle(value: Any) -> Plan:
@@ -233,7 +233,7 @@ def _cloudpickle() -> tuple[str, Any]:
     try:
         from ray import cloudpickle
     except ImportError:
-        import cloudpickle
+        import cloudpickle  # type: ignore[no-redef]
 
         return "cloudpickle", cloudpickle
     return "ray.cloudpickle", cloudpickle
@@ -307,7 +307,7 @@ def _read_npy(fs: AbstractFileSystem, path: str, manifest: dict[str, Any]) -> An
                 display(fs, path),
             )
         if array.nbytes:
-            target = memoryview(array.ravel(order="A").view(np.uint8))
+            target = memoryview(array.ravel(order="A").view(np.uint8))  # type: ignore[arg-type]
             head = len(prefix) - header_size
             target[:head] = memoryview(prefix)[header_size:]
             streams.read_exact(raw, target[head:], checksum, streams.read_block_size(fs))

@@ -85,7 +85,7 @@ def load_manifest(fs: AbstractFileSystem, dir_path: str) -> dict[str, Any]:
         ) from exc
     try:
         manifest = json.loads(raw)
-        missing = _REQUIRED_KEYS - set(manifest)
+        missing = set(_REQUIRED_KEYS) - set(manifest)
         if "checksum" not in manifest and "sha256" not in manifest:
             missing.add("checksum")
     except (ValueError, TypeError) as exc:
