@@ -319,6 +319,7 @@ def _terminate_processes(temp_dir: str, address: str) -> None:
         if temp_dir in " ".join(args) or f"--address={address}" in args:
             roots.append(proc)
     victims = {p.pid: p for root in roots for p in [root, *_children(root)]}
+    victims.pop(os.getpid(), None)  # a caller whose own command line names the temp dir
     for proc in victims.values():
         with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGTERM)
