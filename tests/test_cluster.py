@@ -216,3 +216,18 @@ def _is_loopback(host: str) -> bool:
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_loopback
+
+
+def test_stopping_a_cluster_spares_the_calling_process(tmp_path):
+    """The processes to stop are found by command line; the caller's own may name the temp dir too."""
+    temp_dir = str(tmp_path / "cluster-temp")
+    member = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", temp_dir])
+    stop = (
+        "import sys; from airflow_ray import cluster; "
+        "cluster._terminate_processes(sys.argv[1], '-'); print('ok')"
+    )
+    caller = subprocess.run(
+        [sys.executable, "-c", stop, temp_dir], capture_output=True, text=True, timeout=120
+    )
+    assert caller.returncode == 0 and caller.stdout.strip() == "ok", caller.stderr
+    assert member.wait(timeout=30) != 0  # the cluster's process was stopped
