@@ -390,3 +390,19 @@ def _describe_cycle(graph: dict[str, set[str]], component: set[str]) -> str:
                 paths[successor] = [*paths[node], successor]
                 queue.append(successor)
     raise AssertionError(f"no cycle through {component}")
+
+
+@pytest.mark.parametrize(
+    "module, name",
+    [
+        pytest.param("airflow_ray.exceptions", "RayTaskError", id="renamed-class"),
+        pytest.param("airflow_ray.errors", "RayTaskFailedError", id="renamed-module"),
+    ],
+)
+def test_renamed_exceptions_keep_deprecated_aliases(module, name):
+    """``RayTaskError`` shadowed Ray's own exception, ``errors`` is ``exceptions`` in providers."""
+    from airflow_ray.exceptions import RayTaskFailedError
+
+    with pytest.warns(DeprecationWarning, match="RayTaskFailedError|airflow_ray.exceptions"):
+        alias = getattr(importlib.import_module(module), name)
+    assert alias is RayTaskFailedError
