@@ -21,6 +21,8 @@ internal, whatever their spelling.
 from __future__ import annotations
 
 import inspect
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -47,3 +49,19 @@ def public_api(stability: Stability) -> Callable[[T], T]:
         return obj
 
     return mark
+
+
+def deprecated_aliases(module: str, aliases: dict[str, tuple[str, str]]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` serving old names: ``{old: (new, why)}``, each with a warning.
+
+    ``why`` is appended to the warning (say what the new name means, or why the old one went).
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name not in aliases:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        new, why = aliases[name]
+        warnings.warn(f"{module}.{name} is deprecated: use {new}{why}", DeprecationWarning, stacklevel=2)
+        return getattr(sys.modules[module], new)
+
+    return __getattr__

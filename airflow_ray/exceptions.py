@@ -7,12 +7,9 @@ write the DAG.
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
-
 from airflow.sdk.exceptions import AirflowException
 
-from airflow_ray._api import public_api
+from airflow_ray._api import deprecated_aliases, public_api
 
 
 @public_api("stable")
@@ -48,16 +45,6 @@ class RayObjectLostError(AirflowException):
     """An upstream task's output is no longer in Ray's object store and cannot be restored."""
 
 
-_DEPRECATED = {"RayTaskError": "RayTaskFailedError"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _DEPRECATED:
-        new = _DEPRECATED[name]
-        warnings.warn(
-            f"airflow_ray.exceptions.{name} is deprecated (it shadowed Ray's own exception): use {new}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return globals()[new]
-    raise AttributeError(f"module 'airflow_ray.exceptions' has no attribute {name!r}")
+__getattr__ = deprecated_aliases(
+    __name__, {"RayTaskError": ("RayTaskFailedError", " (the old name shadowed Ray's own RayTaskError)")}
+)

@@ -36,10 +36,8 @@ Stability: beta. The on-store layout and manifest keys are versioned by ``format
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
 
-from airflow_ray._api import public_api
+from airflow_ray._api import deprecated_aliases, public_api
 from airflow_ray._worker.checkpoint import (
     CHECKSUM_ALGORITHM,
     MANIFEST_FORMAT_VERSION,
@@ -99,16 +97,6 @@ __all__ = [
     "write_checkpoint",
 ]
 
-_DEPRECATED = {"FORMAT_VERSION": "MANIFEST_FORMAT_VERSION"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _DEPRECATED:
-        new = _DEPRECATED[name]
-        warnings.warn(
-            f"airflow_ray.checkpoint.{name} is deprecated: use {new}, the version of the manifest format",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return globals()[new]
-    raise AttributeError(f"module 'airflow_ray.checkpoint' has no attribute {name!r}")
+__getattr__ = deprecated_aliases(
+    __name__, {"FORMAT_VERSION": ("MANIFEST_FORMAT_VERSION", ", the version of the manifest format")}
+)
