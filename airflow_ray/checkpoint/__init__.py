@@ -36,7 +36,6 @@ Stability: beta. The on-store layout and manifest keys are versioned by ``format
 
 from __future__ import annotations
 
-
 from airflow_ray._api import deprecated_aliases, public_api
 from airflow_ray._worker.checkpoint import (
     CHECKSUM_ALGORITHM,
