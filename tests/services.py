@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TESTS
+from tests.conftest import TESTS, new_airflow_home
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
@@ -126,9 +126,7 @@ def airflow_services(
         "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
         "PYTHONPATH": str(TESTS.parent),
     }
-    subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True
-    )
+    new_airflow_home(home)  # a copy of the session's freshly migrated DB: no `airflow db migrate`
     services = AirflowServices(env=env, home=home, url=f"http://127.0.0.1:{port}")
     services.logs.mkdir()
     procs = [

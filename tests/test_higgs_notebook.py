@@ -1,8 +1,13 @@
-"""The HIGGS notebook runs top to bottom (nbclient, a real kernel, a real local Ray) on small data."""
+"""The HIGGS notebook runs top to bottom (nbclient, a real kernel, a real Ray) on small data.
+
+The kernel is a driver of the session's Ray head (its address as the notebook's ``RAY_ADDRESS``
+parameter), as a notebook on a cluster would be: no private cold start in the kernel (CI time).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -19,17 +24,24 @@ def _inject_after_parameters(nb: nbformat.NotebookNode, source: str) -> None:
     nb.cells.insert(index + 1, nbformat.v4.new_code_cell(source))
 
 
-def test_notebook_trains_and_evaluates(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIRFLOW_RAY_EXAMPLES_STORAGE", str(tmp_path / "storage"))
+def test_notebook_trains_and_evaluates(ray_cluster, tmp_path):
+    from airflow_ray.cluster import LOCAL_ENV
+
+    kernel_env = {
+        **os.environ,
+        **LOCAL_ENV,  # what a driver of the embedded cluster needs (loopback, the token)
+        "AIRFLOW_RAY_EXAMPLES_STORAGE": str(tmp_path / "storage"),
+    }
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    # "local": a private 2-CPU Ray for this kernel, never a cluster someone else started here.
-    _inject_after_parameters(nb, 'N_ROWS = 6_000\nNUM_BOOST_ROUND = 20\nRAY_ADDRESS = "local"')
+    # The session's head, never a cluster someone else started on this machine ("auto" could be).
+    params = f"N_ROWS = 6_000\nNUM_BOOST_ROUND = 20\nRAY_ADDRESS = {ray_cluster.address!r}"
+    _inject_after_parameters(nb, params)
     nb.cells.insert(-1, nbformat.v4.new_code_cell("import json\nprint('METRICS=' + json.dumps(metrics))"))
 
     client = nbclient.NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
     )
-    client.execute()
+    client.execute(env=kernel_env)
 
     stdout = "".join(
         out.get("text", "")

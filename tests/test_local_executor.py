@@ -18,12 +18,19 @@ import ray
 pytestmark = pytest.mark.slow
 
 
-def test_objects_outlive_their_producers(airflow_services):
+@pytest.fixture(scope="module")
+def xp1(airflow_services) -> str:
+    """One run of ``cross_process`` for the tests that only read what it left (CI time: a run
+    under the scheduler costs ~20 s here); the other tests trigger runs of their own."""
+    airflow_services.trigger("cross_process", "xp1")
+    airflow_services.wait_for_run("cross_process", "xp1")
+    return "xp1"
+
+
+def test_objects_outlive_their_producers(airflow_services, xp1):
     from airflow_ray.hooks import RayHook
     from airflow_ray.owners import get_owner, owner_name
 
-    airflow_services.trigger("cross_process", "xp1")
-    airflow_services.wait_for_run("cross_process", "xp1")
     result = airflow_services.xcom("cross_process", "xp1", "consume")
     assert result["sum"] == float(2 * np.arange(2_000_000, dtype=np.float64).sum())
     assert result["producer_pid"] != result["consumer_pid"] != os.getpid()  # separate processes
@@ -36,11 +43,9 @@ def test_objects_outlive_their_producers(airflow_services):
     assert raw["object_id"] in held, "the owner holds the run's objects after every producer exited"
 
 
-def test_task_processes_start_with_ray_imported_by_the_scheduler(airflow_services):
+def test_task_processes_start_with_ray_imported_by_the_scheduler(airflow_services, xp1):
     """``[ray] preload_in_scheduler``: the LocalExecutor's forked task processes inherit ``import ray``."""
-    airflow_services.trigger("cross_process", "xp-preload")
-    airflow_services.wait_for_run("cross_process", "xp-preload")
-    assert airflow_services.xcom("cross_process", "xp-preload", "produce", key="ray_preloaded") is True
+    assert airflow_services.xcom("cross_process", xp1, "produce", key="ray_preloaded") is True
     scheduler_log = (airflow_services.logs / "scheduler.log").read_text()
     assert "imported before the LocalExecutor forks its workers" in scheduler_log
 
