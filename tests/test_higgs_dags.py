@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ def dag_runs(airflow_env, mlflow_server) -> dict[str, Any]:
         if line.startswith(RESULT):
             result = json.loads(line.removeprefix(RESULT))
             results[result["dag_id"]] = result
+            print(f"{result['dag_id']}: {result['seconds']} s")  # shown with -s or on failure
     output = f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     return {"results": results, "output": output}
 
@@ -182,10 +184,12 @@ def _main(runs: str) -> None:
     assert not bag.import_errors, bag.import_errors
     try:
         for dag_id, conf, task_ids in json.loads(runs):
+            started = time.monotonic()
             try:
                 result = _run_one(bag, dag_id, conf, task_ids)
             except Exception:
                 result = {"dag_id": dag_id, "error": traceback.format_exc()[-6000:]}
+            result["seconds"] = round(time.monotonic() - started, 1)  # for whoever reads the log
             print(RESULT + json.dumps(result, default=str), flush=True)
     finally:
         import ray
