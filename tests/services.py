@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -69,9 +70,24 @@ class AirflowServices:
             timeout,
         )
 
+    def api(self, method: str, path: str, body: dict[str, Any]) -> Any:
+        """Call the REST API (``/api/v2/...``) as the UI does; every caller is an admin here
+        (``simple_auth_manager_all_admins``). Cheaper than an ``airflow`` CLI process (~8 s CPU)."""
+        request = urllib.request.Request(
+            f"{self.url}/api/v2/{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method=method,
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"{method} {path} -> {exc.code}: {exc.read()[:2000]!r}") from exc
+
     def trigger(self, dag_id: str, run_id: str) -> None:
         self.wait_for_dag(dag_id)
-        self.airflow("dags", "trigger", dag_id, "--run-id", run_id)
+        self.api("POST", f"dags/{dag_id}/dagRuns", {"dag_run_id": run_id, "logical_date": None})
 
     def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 420) -> None:
         """Wait until the run ends; fail with its task states and the scheduler's log unless it succeeded."""

@@ -80,13 +80,16 @@ def test_clear_rerun_and_delete_return_the_object_store_to_baseline(airflow_serv
     after_run = used()
     assert after_run >= baseline + run_bytes
 
-    # Clear 'produce' and its downstream tasks, as the UI's "Clear" does; the scheduler re-runs them.
-    clear = (
-        "from airflow.utils.cli import get_db_dag;"
-        "dag = get_db_dag(None, 'cross_process');"
-        "dag.partial_subset(['produce'], include_downstream=True).clear(run_id='xp2')"
-    )
-    subprocess.run([sys.executable, "-c", clear], env=airflow_services.env, check=True, capture_output=True)
+    # Clear 'produce' and its downstream tasks through the REST API, as the UI's "Clear" does;
+    # the scheduler re-runs them.
+    clear = {
+        "dag_run_id": "xp2",
+        "task_ids": ["produce"],
+        "include_downstream": True,
+        "only_failed": False,
+        "dry_run": False,
+    }
+    airflow_services.api("POST", "dags/cross_process/clearTaskInstances", clear)
     airflow_services.wait_for_run("cross_process", "xp2")
     assert airflow_services.xcom("cross_process", "xp2", "produce", key="data")["object_id"] != first
     wait(lambda: used() <= after_run + run_bytes // 4, "the re-run's old objects to be freed", 30)

@@ -87,12 +87,12 @@ def test_ray_task_xcom_shows_the_readable_reference(airflow_services, runs, page
     assert reference["__airflow_ray__"] == 1  # a reference, not the 2 MB array
     url = f"{airflow_services.url}/dags/example_ray_basics/runs/{run_id}/tasks/simulate/mapped/0/xcom"
     # Under load the XCom table sometimes first renders an empty value ("{}") that never fills
-    # in; a reload fetches it again. Three loads at most.
-    for attempt in range(3):
+    # in; a reload fetches it again. Three loads at most, the first one given less time.
+    for attempt, timeout_ms in enumerate((10_000, 30_000, 30_000)):
         page.goto(url)
         expect(page.get_by_text("return_value").first).to_be_visible()
         try:
-            expect(page.locator("body")).to_contain_text("__airflow_ray__", timeout=30_000)  # the JSON
+            expect(page.locator("body")).to_contain_text("__airflow_ray__", timeout=timeout_ms)  # the JSON
             break
         except AssertionError:
             if attempt == 2:
