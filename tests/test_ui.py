@@ -71,6 +71,9 @@ def test_runs_succeed_and_the_graph_shows_them(airflow_services, runs, page, scr
     from playwright.sync_api import expect
 
     page.goto(f"{airflow_services.url}/dags/example_ray_basics/runs/{runs['example_ray_basics']}")
+    # The run's tasks are listed in either view; once they are, so is the view switch (if any).
+    # Counting the buttons before the page has rendered found none and stayed on the grid.
+    expect(page.get_by_text("summarize").first).to_be_visible(timeout=60_000)
     graph = page.get_by_role("button", name=re.compile("graph", re.IGNORECASE))
     if graph.count():
         graph.first.click()
