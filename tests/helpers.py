@@ -51,6 +51,34 @@ class RunResult:
         return XCom.deserialize_value(XComResult(key=key, value=raw))
 
 
+def kill_cluster(temp_dir: str, address: str) -> None:
+    """SIGKILL one local Ray cluster: every process that names its temp dir or its GCS address,
+    and their children (how ``airflow_ray.cluster.stop()`` finds them), as a crash would.
+
+    For clusters the tests throw away: ``stop()`` sends SIGTERM and waits 10 s for the processes
+    that never exit on it (``gcs_server`` and the autoscaler's monitor, on Ray 2.60). A driver
+    of the cluster in this process must leave first (``ray.shutdown()``): it would exit with it.
+    """
+    import contextlib
+
+    import psutil
+
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        args = proc.info["cmdline"] or []
+        if temp_dir in " ".join(args) or f"--address={address}" in args:
+            roots.append(proc)
+    victims = {}
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            for proc in [root, *root.children(recursive=True)]:
+                victims[proc.pid] = proc
+    for proc in victims.values():
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(list(victims.values()), timeout=10)
+
+
 def connected_or_private_ray():
     """Yield with Ray connected: the suite's head if this process is already a driver, else a
     private 2-CPU one (``address="local"`` never joins a cluster someone else started)."""

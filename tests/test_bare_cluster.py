@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TESTS
+from tests.helpers import kill_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -74,9 +75,8 @@ def bare_cluster(tmp_path_factory):
     try:
         yield {"address": f"127.0.0.1:{port}", "python": str(python)}
     finally:
-        cluster._terminate_processes(
-            temp_dir, f"127.0.0.1:{port}"
-        )  # never `ray stop`: it kills every cluster
+        # Never `ray stop`: it kills every cluster. Killed, not stopped: faster by 10 s.
+        kill_cluster(temp_dir, f"127.0.0.1:{port}")
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -17,6 +17,7 @@ from airflow_ray.checkpoint import read_checkpoint
 from airflow_ray.exceptions import RayObjectLostError
 from airflow_ray.owners import forget_owners, get_owner, owner_name
 from tests.dags import checkpointed
+from tests.helpers import kill_cluster
 from tests.s3_server import aws_connection, s3_server  # noqa: F401
 
 
@@ -94,7 +95,7 @@ def test_s3_checkpoints_through_a_dag(run_dag, aws_connection, s3_server):  # no
 def test_cluster_loss_then_rerun_of_the_consumers_restores_identical_data(
     run_dag, ray_cluster, tmp_path, monkeypatch
 ):
-    """Run on a private cluster, stop it, re-run only the consumers of the same run on another one.
+    """Run on a private cluster, crash it, re-run only the consumers of the same run on another one.
 
     The other cluster is the session's head, which never saw the run: the consumers find none of
     its objects and no owner that knows them, as on a fresh cluster (one cold start, not two).
@@ -118,7 +119,11 @@ def test_cluster_loss_then_rerun_of_the_consumers_restores_identical_data(
         private = cluster.current()
         assert private is not None and private.address != ray_cluster.address
         expected = first.xcom("consume")
-        assert cluster.stop()  # every object of the run is gone with the cluster
+        # The cluster crashes (SIGKILL): every object of the run is gone with it. This process,
+        # one of its drivers, leaves first: a driver whose GCS dies exits.
+        ray.shutdown()
+        kill_cluster(private.temp_dir, private.address)
+        assert cluster.current() is None
     finally:
         cluster.stop()
         monkeypatch.undo()
