@@ -60,6 +60,7 @@ def kill_cluster(temp_dir: str, address: str) -> None:
     of the cluster in this process must leave first (``ray.shutdown()``): it would exit with it.
     """
     import contextlib
+    import os
 
     import psutil
 
@@ -73,6 +74,7 @@ def kill_cluster(temp_dir: str, address: str) -> None:
         with contextlib.suppress(psutil.Error):
             for proc in [root, *root.children(recursive=True)]:
                 victims[proc.pid] = proc
+    victims.pop(os.getpid(), None)  # the caller may name the temp dir too
     for proc in victims.values():
         with contextlib.suppress(psutil.Error):
             proc.kill()
