@@ -279,13 +279,27 @@ def _start_keeper(cluster: LocalCluster, env: dict[str, str]) -> None:
     """
     import logging
 
+    from airflow_ray import deployment
+
+    try:
+        deployment_id = deployment.current().id
+    except Exception as exc:  # e.g. `airflow-ray cluster start` where the metadata DB is out of reach
+        logging.getLogger(__name__).warning(
+            "No keeper for the embedded cluster (this deployment's id is unknown here: %s): "
+            "Ray tasks will start a new worker process each",
+            exc,
+        )
+        return
     directory = config.local_cluster_dir()
     ready = directory / "keeper.ready"
     ready.unlink(missing_ok=True)
     log_path = directory / "keeper.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "airflow_ray.keeper", cluster.address, cluster.temp_dir, str(ready)],
+            [
+                *(sys.executable, "-m", "airflow_ray.keeper"),
+                *(cluster.address, cluster.temp_dir, str(ready), deployment_id),
+            ],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -52,6 +52,16 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "example": "2",
         "default": "1",
     },
+    "deployment_id": {
+        "description": "This Airflow deployment's name on shared Ray clusters (lowercase letters, "
+        "digits, '-'; at most 40). Owner actors, registry entries and the scope of airflow-ray gc "
+        "carry it, so deployments sharing a cluster never read, replace or free each other's "
+        "outputs. Empty: derived from the deployment's secret (the Airflow Variable "
+        "airflow_ray_deployment_secret), stable for as long as the metadata DB.",
+        "type": "string",
+        "example": "prod",
+        "default": "",
+    },
     "namespace": {
         "description": "Ray namespace of the owner actors.",
         "type": "string",
@@ -195,6 +205,14 @@ def max_objects() -> int:
 @_accessor
 def owner_shards() -> int:
     return max(1, _get_int("owner_shards"))
+
+
+@_accessor
+def deployment_id() -> str | None:
+    from airflow_ray.deployment import validate_id
+
+    value = _get("deployment_id")
+    return validate_id(value, source="[ray] deployment_id") if value else None
 
 
 @_accessor

@@ -45,6 +45,12 @@ class RayObjectLostError(AirflowException):
     """An upstream task's output is no longer in Ray's object store and cannot be restored."""
 
 
+@public_api("stable")
+class UntrustedReferenceError(AirflowException):
+    """An XCom value claims to be an airflow-ray reference but was not written, unchanged, by a
+    task of this deployment (edited, forged, malformed, or from another deployment)."""
+
+
 __getattr__ = deprecated_aliases(
     __name__, {"RayTaskError": ("RayTaskFailedError", " (the old name shadowed Ray's own RayTaskError)")}
 )

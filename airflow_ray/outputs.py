@@ -30,7 +30,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from airflow_ray import config
+from airflow_ray import config, deployment
 from airflow_ray._worker.keys import TaskKey
 from airflow_ray._worker.runner import as_dataset, is_dataset, is_plain, summarize
 from airflow_ray.exceptions import RayObjectLostError
@@ -129,11 +129,11 @@ def to_xcom(value: Any, *, key: str | None, task: TaskKey) -> Any:
     from airflow.sdk.bases.xcom import BaseXCom
 
     if isinstance(value, RayResult):
-        return value.reference.to_json()
+        return _stored(value.reference)
     if isinstance(value, dict) and any(isinstance(v, RayResult) for v in value.values()):
         return {  # a @ray_task's multiple_outputs: references, and small values inline
             OUTPUTS: {
-                k: v.reference.to_json() if isinstance(v, RayResult) else BaseXCom.serialize_value(v)
+                k: _stored(v.reference) if isinstance(v, RayResult) else BaseXCom.serialize_value(v)
                 for k, v in value.items()
             }
         }
@@ -145,7 +145,7 @@ def to_xcom(value: Any, *, key: str | None, task: TaskKey) -> Any:
     else:
         if None in task or key is None:
             raise ValueError("RayXComBackend needs the XCom's key, task_id, dag_id and run_id")
-        stored = adopt(value, key, task).to_json()
+        stored = _stored(adopt(value, key, task))
     if task not in _recent_pushes:
         _recent_pushes.clear()  # only the task this process is finishing matters
     _recent_pushes.setdefault(task, {})[key] = (value, stored)
@@ -250,10 +250,10 @@ def from_xcom(data: Any) -> Any:
     from airflow.sdk.bases.xcom import BaseXCom
 
     if ObjectReference.is_reference(data):
-        return materialize([ObjectReference.from_json(data)])[0]
+        return materialize([_verified(data)])[0]
     if _is_outputs(data):
         items = data[OUTPUTS]
-        refs = {k: ObjectReference.from_json(v) for k, v in items.items() if ObjectReference.is_reference(v)}
+        refs = {k: _verified(v) for k, v in items.items() if ObjectReference.is_reference(v)}
         values = dict(zip(refs, materialize(list(refs.values())), strict=True)) if refs else {}
         return {
             k: values[k] if k in values else BaseXCom.deserialize_value(_Stored(v)) for k, v in items.items()
@@ -327,7 +327,9 @@ def recover(reference: ObjectReference, why: str) -> Any:
     if not reference.checkpoint_uri:
         raise lost_error(reference, why)
     options = checkpoint.storage_options_for(reference.checkpoint_uri, reference.checkpoint_source)
-    owner = get_owner(reference.owner, create=True)
+    # The owner the restored object goes to is derived from the (verified) run, in this code
+    # version: never an actor created from a name read from an XCom row.
+    owner = get_owner(owner_name(reference.dag_id, reference.run_id), create=True)
     result = ray.get(
         owner.restore.remote(
             reference.entry_key,
@@ -361,13 +363,14 @@ def lost_error(reference: ObjectReference, why: str) -> RayObjectLostError:
 
 
 def references_in(data: Any) -> list[ObjectReference]:
-    """The Ray references in a stored XCom value (one, or one per key of multiple_outputs)."""
+    """The verified Ray references in a stored XCom value (one, or one per key of multiple_outputs).
+
+    :raises UntrustedReferenceError: for a value that claims to be a reference but is not ours.
+    """
     if ObjectReference.is_reference(data):
-        return [ObjectReference.from_json(data)]
+        return [_verified(data)]
     if _is_outputs(data):
-        return [
-            ObjectReference.from_json(v) for v in data[OUTPUTS].values() if ObjectReference.is_reference(v)
-        ]
+        return [_verified(v) for v in data[OUTPUTS].values() if ObjectReference.is_reference(v)]
     return []
 
 
@@ -396,6 +399,18 @@ def _reference(task: TaskKey, out: dict[str, Any], *, owner: str, ray_conn_id: s
         summary=out["summary"],
         ray_conn_id=ray_conn_id,
     )
+
+
+def _stored(reference: ObjectReference) -> dict[str, Any]:
+    """The JSON an XCom row holds for ``reference``: signed for this deployment (see :func:`_verified`)."""
+    me = deployment.current()
+    return reference.signed(me.id, me.key).to_json()
+
+
+def _verified(data: dict[str, Any]) -> ObjectReference:
+    """A stored reference, checked against this deployment's key before anything acts on it."""
+    me = deployment.current()
+    return ObjectReference.verified(data, me.id, me.key)
 
 
 def _near(node_id: str | None) -> dict[str, Any]:

@@ -3,8 +3,13 @@
 An owner (:class:`airflow_ray._worker.owner.Owner`) is a detached actor that owns task
 outputs so they outlive Airflow task processes. A DAG run's objects always live in one shard,
 picked by a stable hash of ``(dag_id, run_id)``. Names carry the package version and a hash
-of the Ray-side package's source: ``get_if_exists=True`` would otherwise hand an upgraded
-Airflow an old actor still running old code.
+of the Ray-side package's source (``get_if_exists=True`` would otherwise hand an upgraded
+Airflow an old actor still running old code), and the deployment
+(:mod:`airflow_ray.deployment`): deployments sharing a cluster have disjoint owners, so one never
+reads, replaces, attaches to or frees another's entries, whatever their DAG and run ids.
+
+>>> parse_owner_name("airflow_ray_owner-v0.3.0-1a2b3c4d-prod-1")
+OwnerName(version='0.3.0', code='1a2b3c4d', deployment='prod', shard=1)
 
 A handle is looked up once per process and cluster connection (``ray.get_actor`` is a GCS
 round trip); :func:`forget_owners` drops the handles when the process reconnects.
@@ -13,17 +18,31 @@ round trip); :func:`forget_owners` drops the handles when the process reconnects
 from __future__ import annotations
 
 import hashlib
+import re
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from airflow_ray import config
+from airflow_ray import config, deployment
 from airflow_ray._worker.owner import shard_for
 from airflow_ray.version import __version__
 
 OWNER_PREFIX = "airflow_ray_owner-v"
+_NAME = re.compile(
+    re.escape(OWNER_PREFIX)
+    + r"(?P<version>[^-]+)-(?P<code>[0-9a-f]{8})-(?P<deployment>[a-z0-9][a-z0-9-]*)-(?P<shard>\d+)"
+)
 
 _handles: dict[str, Any] = {}
+
+
+class OwnerName(NamedTuple):
+    """The parts of an owner actor's name."""
+
+    version: str
+    code: str
+    deployment: str
+    shard: int
 
 
 def owner_name(dag_id: str, run_id: str) -> str:
@@ -31,10 +50,18 @@ def owner_name(dag_id: str, run_id: str) -> str:
     return owner_names()[shard_for(dag_id, run_id, config.owner_shards())]
 
 
-def owner_names() -> list[str]:
-    """The names of all owner shards of this version of the code, shard 0 first."""
-    prefix = f"{OWNER_PREFIX}{__version__}-{worker_code_hash()}"
+def owner_names(deployment_id: str | None = None) -> list[str]:
+    """The names of this deployment's owner shards for this version of the code, shard 0 first."""
+    prefix = f"{OWNER_PREFIX}{__version__}-{worker_code_hash()}-{deployment_id or deployment.current().id}"
     return [f"{prefix}-{shard}" for shard in range(config.owner_shards())]
+
+
+def parse_owner_name(name: str) -> OwnerName | None:
+    """The parts of an owner's name, or None for a name that is not one (any version)."""
+    match = _NAME.fullmatch(name)
+    if match is None:
+        return None
+    return OwnerName(match["version"], match["code"], match["deployment"], int(match["shard"]))
 
 
 def get_owner(name: str, *, create: bool = False) -> Any:
@@ -49,6 +76,9 @@ def get_owner(name: str, *, create: bool = False) -> Any:
     ship_worker_code()
     if create:
         from airflow_ray._worker.owner import Owner
+
+        if parse_owner_name(name) is None:  # only names this module made (see owner_names)
+            raise ValueError(f"Not an airflow-ray owner name: {name!r}")
 
         handle = (
             ray.remote(Owner)

@@ -13,21 +13,33 @@ Three small types cross the Airflow/Ray boundary; :mod:`airflow_ray.outputs` bui
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from airflow_ray._worker.keys import OutputKey, TaskKey
+from airflow_ray.exceptions import UntrustedReferenceError
 
 #: Key of the JSON document's version: ``{"__airflow_ray__": 1, ...}`` marks a reference.
 MARKER = "__airflow_ray__"
 #: Version of the reference document (not the checkpoint manifest's, which has its own).
-REFERENCE_FORMAT_VERSION = 1
+#: 2: signed and bound to a deployment (``deployment``, ``signature``).
+REFERENCE_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class ObjectReference:
-    """Where an XCom value lives in Ray. Serialised as a small JSON dict (well under 1 KB)."""
+    """Where an XCom value lives in Ray. Serialised as a small JSON dict (well under 1 KB).
+
+    A reference is input when it is read back: anyone who can write an XCom row (any task, the
+    REST API) can write one. So it is signed (HMAC-SHA256 under the deployment's key over every
+    field, see :meth:`signed`) by the process that produced the output, and :meth:`verified`
+    before anything acts on it: the task instance, owner, object and checkpoint it names are
+    those the producing task wrote, in this deployment.
+    """
 
     owner: str
     dag_id: str
@@ -40,6 +52,8 @@ class ObjectReference:
     ray_conn_id: str = "ray_default"
     checkpoint_uri: str | None = None
     checkpoint_source: str | None = None
+    deployment: str = ""
+    signature: str = ""
 
     @property
     def entry_key(self) -> OutputKey:
@@ -56,14 +70,84 @@ class ObjectReference:
     def to_json(self) -> dict[str, Any]:
         return {MARKER: REFERENCE_FORMAT_VERSION, **asdict(self)}
 
+    def signed(self, deployment: str, key: bytes) -> ObjectReference:
+        """This reference bound to ``deployment`` and signed with its key."""
+        unsigned = replace(self, deployment=deployment, signature="")
+        return replace(unsigned, signature=unsigned._mac(key))
+
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ObjectReference:
-        fields = {k: v for k, v in data.items() if k != MARKER}
-        return cls(**fields)
+    def verified(cls, data: dict[str, Any], deployment: str, key: bytes) -> ObjectReference:
+        """Parse a stored reference and check it was signed by this deployment, unchanged.
+
+        :raises UntrustedReferenceError: naming the mismatch (fields, deployment, or signature).
+        """
+        reference = cls._parse(data)
+        where = f"The XCom value that refers to the output of {reference.describe()}"
+        if reference.deployment != deployment:
+            raise UntrustedReferenceError(
+                f"{where} was written by Airflow deployment {reference.deployment!r}, and this is "
+                f"{deployment!r}: deployments sharing a Ray cluster cannot read each other's outputs. "
+                "Re-run the producing task in this deployment."
+            )
+        if not hmac.compare_digest(reference.signature, replace(reference, signature="")._mac(key)):
+            raise UntrustedReferenceError(
+                f"{where} does not carry a valid signature of this deployment: it was edited or "
+                "forged after the task wrote it (e.g. returned by another task or written through "
+                "the REST API). Refusing to touch Ray or storage for it; re-run the producing task."
+            )
+        return reference
 
     @staticmethod
     def is_reference(data: Any) -> bool:
-        return isinstance(data, dict) and data.get(MARKER) == REFERENCE_FORMAT_VERSION and "object_id" in data
+        """Does ``data`` claim to be a reference (of any version)? Verify it before use."""
+        return isinstance(data, dict) and MARKER in data and "object_id" in data
+
+    @classmethod
+    def _parse(cls, data: dict[str, Any]) -> ObjectReference:
+        if data.get(MARKER) != REFERENCE_FORMAT_VERSION:
+            raise UntrustedReferenceError(
+                f"An XCom value is an airflow-ray reference of format {data.get(MARKER)!r}; this "
+                f"version reads format {REFERENCE_FORMAT_VERSION}. Re-run the producing task."
+            )
+        known = {f.name: f for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k != MARKER}
+        problems = [f"unknown field {k!r}" for k in values if k not in known]
+        problems += [f"missing field {k!r}" for k in _REQUIRED if k not in values]
+        for name, value in values.items():
+            if name in known and not _has_type(value, _TYPES[name]):
+                problems.append(f"field {name!r} is {type(value).__name__}")
+        if problems:
+            raise UntrustedReferenceError(
+                f"An XCom value is not a valid airflow-ray reference: {'; '.join(problems)}."
+            )
+        return cls(**values)
+
+    def _mac(self, key: bytes) -> str:
+        document = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hmac.new(key, document.encode(), hashlib.sha256).hexdigest()
+
+
+#: The JSON type(s) each field must have in a stored reference.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "owner": (str,),
+    "dag_id": (str,),
+    "run_id": (str,),
+    "task_id": (str,),
+    "map_index": (int,),
+    "key": (str,),
+    "object_id": (str,),
+    "summary": (dict,),
+    "ray_conn_id": (str,),
+    "checkpoint_uri": (str, type(None)),
+    "checkpoint_source": (str, type(None)),
+    "deployment": (str,),
+    "signature": (str,),
+}
+_REQUIRED = ("owner", "dag_id", "run_id", "task_id", "map_index", "key", "object_id", "deployment")
+
+
+def _has_type(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
 
 
 class ObjectHandle:

@@ -19,23 +19,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_ray.outputs import references_in
-from airflow_ray.owners import OWNER_PREFIX
+from airflow_ray.outputs import OUTPUTS
+from airflow_ray.owners import parse_owner_name
+from airflow_ray.references import MARKER
 
 
 def collect(session: Any = None, *, dry_run: bool = False) -> dict[str, int]:
-    """Free every registry entry that no XCom row refers to any more.
+    """Free every registry entry of this deployment's owners that no XCom row refers to any more.
+
+    Other deployments on the same cluster have their own owners (:mod:`airflow_ray.deployment`)
+    and are never looked at.
 
     :returns: counts of ``kept`` and ``freed`` entries.
     """
     import ray
 
-    from airflow_ray import config
+    from airflow_ray import config, deployment
     from airflow_ray.owners import get_owner
 
     live = _referenced_object_ids(session)
     kept = freed = 0
-    for name in _owner_names(config.namespace()):
+    for name in _owner_names(config.namespace(), deployment.current().id):
         owner = get_owner(name)
         for entry in ray.get(owner.entries.remote()):
             if entry["object_id"] in live:
@@ -99,31 +103,47 @@ def _run_directories(session: Any) -> set[tuple[str, str]]:
         return scan(s)
 
 
-def _owner_names(namespace: str) -> list[str]:
+def _owner_names(namespace: str, deployment_id: str) -> list[str]:
+    """This deployment's owners, of every code version still running."""
     from ray.util import list_named_actors
 
-    return [
-        actor["name"]
-        for actor in list_named_actors(all_namespaces=True)
-        if actor["namespace"] == namespace and actor["name"].startswith(OWNER_PREFIX)
-    ]
+    names = []
+    for actor in list_named_actors(all_namespaces=True):
+        parsed = parse_owner_name(actor["name"])
+        if actor["namespace"] == namespace and parsed is not None and parsed.deployment == deployment_id:
+            names.append(actor["name"])
+    return names
 
 
 def _referenced_object_ids(session: Any) -> set[str]:
-    """Object ids of every Ray reference in the XCom table."""
+    """Object ids that any XCom row claims to refer to.
+
+    Not verified on purpose: a row only keeps its object alive here, and keeping too much is
+    safe (the TTL still applies); freeing is never decided from a row's content.
+    """
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     def scan(s: Any) -> set[str]:
         ids: set[str] = set()
         for (value,) in s.query(XComModel.value).yield_per(1000):
-            ids.update(r.object_id for r in references_in(_json(value)))
+            ids.update(_claimed_object_ids(_json(value)))
         return ids
 
     if session is not None:
         return scan(session)
     with create_session() as s:
         return scan(s)
+
+
+def _claimed_object_ids(data: Any) -> list[str]:
+    outputs = isinstance(data, dict) and isinstance(data.get(OUTPUTS), dict)
+    documents = data[OUTPUTS].values() if outputs else [data]
+    return [
+        d["object_id"]
+        for d in documents
+        if isinstance(d, dict) and MARKER in d and isinstance(d.get("object_id"), str)
+    ]
 
 
 def _json(value: Any) -> Any:

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import ray
 
+from airflow_ray.references import REFERENCE_FORMAT_VERSION
+
 pytestmark = pytest.mark.slow
 
 
@@ -35,7 +37,7 @@ def test_objects_outlive_their_producers(airflow_services, xp1):
     assert result["sum"] == float(2 * np.arange(2_000_000, dtype=np.float64).sum())
     assert result["producer_pid"] != result["consumer_pid"] != os.getpid()  # separate processes
     raw = airflow_services.xcom("cross_process", "xp1", "produce", key="data")
-    assert raw["__airflow_ray__"] == 1 and len(json.dumps(raw)) <= 1024
+    assert raw["__airflow_ray__"] == REFERENCE_FORMAT_VERSION and len(json.dumps(raw)) <= 1024
 
     RayHook().connect()
     owner = get_owner(owner_name("cross_process", "xp1"))

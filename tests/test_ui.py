@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_ray.references import REFERENCE_FORMAT_VERSION
 from tests.conftest import EXAMPLE_DAGS
 
 CHROMIUM = "/usr/bin/chromium"
@@ -87,7 +88,7 @@ def test_ray_task_xcom_shows_the_readable_reference(airflow_services, runs, page
 
     run_id = runs["example_ray_basics"]
     reference = airflow_services.xcom("example_ray_basics", run_id, "simulate", map_index=0)
-    assert reference["__airflow_ray__"] == 1  # a reference, not the 2 MB array
+    assert reference["__airflow_ray__"] == REFERENCE_FORMAT_VERSION  # a reference, not the 2 MB array
     url = f"{airflow_services.url}/dags/example_ray_basics/runs/{run_id}/tasks/simulate/mapped/0/xcom"
     # Under load the XCom table sometimes first renders an empty value ("{}") that never fills
     # in; a reload fetches it again. Three loads at most, the first one given less time.

@@ -12,7 +12,7 @@ import ray
 from airflow_ray import outputs, tasks
 from airflow_ray.exceptions import RayObjectLostError
 from airflow_ray.owners import forget_owners, get_owner, owner_name
-from airflow_ray.references import ObjectHandle
+from airflow_ray.references import REFERENCE_FORMAT_VERSION, ObjectHandle
 from tests.dags import handoff
 
 
@@ -26,7 +26,7 @@ def test_every_type_through_both_kinds_of_consumer(run_dag):
     for producer in ("produce_on_ray", "produce_in_airflow"):
         for key in ("array", "frame", "table", "model", "booster"):
             raw = result.xcom_raw(producer, key=key)
-            assert raw["__airflow_ray__"] == 1 and raw["key"] == key, (producer, key)
+            assert raw["__airflow_ray__"] == REFERENCE_FORMAT_VERSION and raw["key"] == key, (producer, key)
             assert len(json.dumps(raw)) <= 1024  # a small readable reference, never pickled bytes
         frame = result.xcom_raw(producer, key="frame")["summary"]
         assert (frame["rows"], frame["columns"]) == (5000, 3)
@@ -201,7 +201,12 @@ def test_purge_and_rerun_free_objects(ray_cluster):
     assert _object_ids(owner, "lifetime") - before == {second["object_id"]}
     assert first["object_id"] != second["object_id"]
     reference = _reference("lifetime", "run", "t", second)
-    RayXComBackend.purge(XComResult(key="return_value", value=reference.to_json()))
+    # A row that only claims to be the reference (unsigned, as the REST API could write it)
+    # frees nothing; the signed one the task wrote frees the object.
+    forged = {**reference.to_json(), "signature": ""}
+    RayXComBackend.purge(XComResult(key="return_value", value=forged))
+    assert _object_ids(owner, "lifetime") - before == {second["object_id"]}
+    RayXComBackend.purge(XComResult(key="return_value", value=_signed(reference)))
     assert _object_ids(owner, "lifetime") == before
     with pytest.raises(RayObjectLostError, match="task 't' of DAG 'lifetime', run 'run'"):
         outputs.resolve([reference])
@@ -266,10 +271,18 @@ def _reference(dag_id, run_id, task_id, output):
     )
 
 
-def _reference_from_raw(raw):
-    from airflow_ray.references import ObjectReference
+def _signed(reference) -> dict:
+    """The JSON the XCom backend would store for ``reference`` (signed for this deployment)."""
+    from airflow_ray import deployment
 
-    return ObjectReference.from_json(raw)
+    me = deployment.current()
+    return reference.signed(me.id, me.key).to_json()
+
+
+def _reference_from_raw(raw):
+    from airflow_ray.outputs import references_in
+
+    return references_in(raw)[0]
 
 
 def _object_ids(owner, dag_id) -> set[str]:

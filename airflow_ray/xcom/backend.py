@@ -77,13 +77,12 @@ class RayXComBackend(BaseXCom):
         """Free the objects behind an XCom that Airflow is deleting (e.g. before a retry)."""
         from airflow_ray import outputs
 
-        references = outputs.references_in(_load(getattr(xcom, "value", None)))
-        if not references:
-            return
-        try:
-            outputs.release(references)
+        try:  # only verified references: a forged row must not free another task's objects
+            references = outputs.references_in(_load(getattr(xcom, "value", None)))
+            if references:
+                outputs.release(references)
         except Exception:  # cleanup must never fail the task that triggered it
-            log.warning("Could not free Ray objects of %s", references[0].describe(), exc_info=True)
+            log.warning("Could not free the Ray objects of an XCom being deleted", exc_info=True)
 
 
 def _load(value: Any) -> Any:

@@ -17,17 +17,18 @@ def main() -> dict:
     import ray
 
     from airflow_ray import tasks
+    from airflow_ray.outputs import references_in
     from airflow_ray.owners import forget_owners, get_owner
-    from airflow_ray.references import ObjectReference, handle_for
+    from airflow_ray.references import handle_for
     from tests.dags.bare import BARE, bare_cluster_dag
     from tests.helpers import run_dag
 
     result = run_dag(bare_cluster_dag)
     report: dict = {"states": result.states, "where": result.xcom("produce", "where")}
     report["consume"] = result.xcom("consume")
-    frame_ref = ObjectReference.from_json(result.xcom_raw("produce", "frame"))
-    array_ref = ObjectReference.from_json(result.xcom_raw("produce", "array"))
-    adopted_ref = ObjectReference.from_json(result.xcom_raw("adopt"))
+    frame_ref = references_in(result.xcom_raw("produce", "frame"))[0]
+    array_ref = references_in(result.xcom_raw("produce", "array"))[0]
+    adopted_ref = references_in(result.xcom_raw("adopt"))[0]
     report["checkpoints"] = [r.checkpoint_uri for r in (frame_ref, array_ref, adopted_ref)]
 
     ray.kill(get_owner(frame_ref.owner), no_restart=True)  # every object of the run is lost

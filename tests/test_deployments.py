@@ -1,0 +1,81 @@
+"""Deployments sharing one Ray cluster, and references read back from the XCom table.
+
+Two Airflow deployments (two ``AIRFLOW_HOME``s, two metadata DBs) run the same DAG id, run id
+and task ids with different data on the session's Ray head: each one's consumers, re-runs and
+``gc`` see only its own outputs (issue 13, item 1). A reference that was edited after the
+producing task wrote it is refused before anything touches Ray or storage (item 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import TESTS, new_airflow_home
+from tests.dags import deployments
+
+
+def _deployment(home, *args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "scripts" / "deployment.py"), *args],
+        env={**os.environ, "AIRFLOW_HOME": str(home), "PYTHONPATH": str(TESTS.parent)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=home,  # Ray puts the driver's working directory on its workers' sys.path
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("DEPLOYMENT=")]
+    assert proc.returncode == 0 and lines, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(lines[-1].removeprefix("DEPLOYMENT="))
+
+
+def _rerun_consumer(home, run_id: str) -> str:
+    """``airflow tasks test`` of the plain consumer, as an operator re-runs one task by hand."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "airflow", "tasks", "test", "shared_ids", "consume", run_id],
+        env={**os.environ, "AIRFLOW_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=home,
+    )
+    consumed = [line for line in (proc.stdout + proc.stderr).splitlines() if "CONSUMED=" in line]
+    assert proc.returncode == 0 and consumed, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return consumed[-1].split("CONSUMED=")[1].strip()
+
+
+@pytest.mark.slow
+def test_two_deployments_on_one_cluster_never_see_each_others_outputs(ray_cluster, tmp_path):
+    homes = {value: new_airflow_home(tmp_path / f"deployment-{value}") for value in (1, 2)}
+    runs = {value: _deployment(home, "run", str(value)) for value, home in homes.items()}
+
+    assert runs[1]["deployment"] != runs[2]["deployment"]
+    assert runs[1]["run_id"] == runs[2]["run_id"]  # same DAG, run and task ids
+    assert runs[1]["owner"] != runs[2]["owner"]
+    for value, run in runs.items():
+        assert set(run["states"].values()) == {"success"}, run["states"]
+        assert run["consume"] == run["consume_on_ray"] == [value, value * 10]
+
+    # A later re-run of the first deployment's consumer, after the second one ran: its own data.
+    assert _rerun_consumer(homes[1], runs[1]["run_id"]) == "1,10"
+    # gc in the second deployment, whose XCom rows refer to none of the first one's objects.
+    assert _deployment(homes[2], "gc")["gc"]["freed"] == 0
+    assert _rerun_consumer(homes[1], runs[1]["run_id"]) == "1,10"
+    assert _rerun_consumer(homes[2], runs[2]["run_id"]) == "2,20"
+
+
+def test_an_edited_reference_is_refused_by_every_consumer(run_dag, capfd):
+    result = run_dag(deployments.forged_reference_dag)
+    text = "".join(capfd.readouterr())
+
+    assert result.states["produce"] == result.states["forge"] == "success"
+    assert result.states["consume"] == result.states["consume_on_ray"] == "failed"
+    refusal = (
+        "The XCom value that refers to the output of task 'produce' of DAG 'some_other_dag'"
+        f", run '{result.run_id}', key 'return_value' does not carry a valid signature"
+    )
+    assert text.count(refusal) >= 2, text[-5000:]  # both consumers, before touching Ray or storage
