@@ -337,6 +337,8 @@ def test_stale_state_file_with_a_squatter_on_its_port_is_refused_before_anything
         [sys.executable, "-c", connect], env=env, capture_output=True, text=True, timeout=120
     )
     connections, received = squatter.received()
+    assert received == 0, f"the squatter received {received} bytes over {connections} connections"
+    assert connections <= 2  # the liveness probes: connect, close
     assert proc.returncode != 0
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("airflow_ray.cluster.LocalClusterError: "), proc.stderr[-3000:]
@@ -344,7 +346,6 @@ def test_stale_state_file_with_a_squatter_on_its_port_is_refused_before_anything
     assert "is no longer running" in error
     assert f"something else listens on its port 127.0.0.1:{squatter.port}" in error
     assert "`airflow-ray cluster stop`" in error and f"or remove {state_dir / 'cluster.json'}" in error
-    assert received == 0 and connections <= 2  # the liveness probes: connect, close
 
 
 @pytest.mark.parametrize(
