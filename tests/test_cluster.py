@@ -1,23 +1,30 @@
-"""The embedded local cluster: one cluster for concurrent starters, loopback only, and the
+"""The embedded local cluster: one cluster for concurrent starters, loopback only, who the
+head is (a stale state file is never trusted), a private temp dir, and the
 ``airflow-ray cluster status | stop`` CLI.
 
 This module starts a second embedded head next to the session's, in its own state directory,
-from subprocesses (as Airflow task processes would), and stops it at the end.
+from subprocesses (as Airflow task processes would), and stops it at the end. The identity and
+privacy tests start no head: they point a fresh state directory at the session's head, at a
+squatting TCP listener, or at a temp dir someone else prepared, and are refused before Ray starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import ipaddress
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from airflow_ray.cluster import LocalCluster, tcp_reachable
+from airflow_ray.cluster import LocalCluster, LocalClusterError, tcp_reachable
 
 CLI = Path(sys.executable).with_name("airflow-ray")
 START = (
@@ -41,7 +48,13 @@ def cluster_env(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def started(ray_cluster, cluster_env):
-    """Two processes call ``ensure_running()`` at the same moment; yields both answers."""
+    """Two processes call ``ensure_running()`` at the same moment; yields both answers.
+
+    They find a stale state file (its head gone, nothing on its port), as a crash leaves it:
+    that must start a fresh cluster, not fail.
+    """
+    state_dir = Path(cluster_env["AIRFLOW__RAY__LOCAL_CLUSTER_DIR"])
+    _write_state(state_dir / "cluster.json", _stale_state())
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", START],
@@ -76,6 +89,7 @@ def test_concurrent_starts_make_one_cluster(started, ray_cluster):
     first, second = started
     assert first == second  # the same state: one `ray start --head`, the other waited for it
     assert first.address != ray_cluster.address
+    assert first.head_pid != _stale_state().head_pid  # the stale state file was replaced
     gcs = [p for p in _cluster_processes(first) if p.name() == "gcs_server"]
     assert len(gcs) == 1
 
@@ -231,3 +245,321 @@ def test_stopping_a_cluster_spares_the_calling_process(tmp_path):
     )
     assert caller.returncode == 0 and caller.stdout.strip() == "ok", caller.stderr
     assert member.wait(timeout=30) != 0  # the cluster's process was stopped
+
+
+# --- who the head is, and a private temp dir (no cluster started) ------------------------------
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    """A fresh, empty state directory for this process's embedded cluster."""
+    from airflow_ray import config
+
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o700)
+    monkeypatch.setenv("AIRFLOW__RAY__LOCAL_CLUSTER_DIR", str(directory))
+    config.clear_caches()
+    yield directory
+    monkeypatch.undo()
+    config.clear_caches()  # the session's cluster again
+
+
+@pytest.fixture
+def squatter():
+    """A plain TCP listener on a free loopback port, started as another local user's process
+    would be. ``squatter.received()`` stops it and returns (connections, bytes received)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SQUATTER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    port = int(proc.stdout.readline().removeprefix("PORT="))
+
+    def received() -> tuple[int, int]:
+        proc.terminate()
+        stdout, _ = proc.communicate(timeout=30)
+        counts = dict(line.split("=") for line in stdout.split())
+        return int(counts["CONNECTIONS"]), int(counts["BYTES"])
+
+    yield dataclasses.make_dataclass("Squatter", ["port", "received"])(port, received)
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+#: Listens, reads whatever its clients send; on SIGTERM drains the backlog and prints the totals.
+SQUATTER = """
+import signal, socket, sys, threading
+server = socket.create_server(("127.0.0.1", 0))
+print(f"PORT={server.getsockname()[1]}", flush=True)
+totals, lock, readers = [0, 0], threading.Lock(), []
+def read(conn):
+    conn.settimeout(3)
+    with conn:
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            with lock:
+                totals[1] += len(data)
+def accept():
+    conn, _ = server.accept()
+    totals[0] += 1
+    reader = threading.Thread(target=read, args=(conn,))
+    reader.start()
+    readers.append(reader)
+def stop(*_):
+    server.setblocking(False)
+    while True:
+        try:
+            accept()
+        except BlockingIOError:
+            break
+    for reader in readers:
+        reader.join()
+    print(f"CONNECTIONS={totals[0]} BYTES={totals[1]}", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+while True:
+    accept()
+"""
+
+
+def test_stale_state_file_with_a_squatter_on_its_port_is_refused_before_anything_is_sent(state_dir, squatter):
+    """The head is gone and a plain TCP server listens on its old port: a task process that
+    connects (``RayHook().connect()``, as every ``@ray_task`` does) fails naming what it found
+    and how to fix it, and the squatter received no byte (no token, no pickled function)."""
+    _write_state(state_dir / "cluster.json", _stale_state(port=squatter.port))
+    env = {**os.environ, "AIRFLOW__RAY__LOCAL_CLUSTER_DIR": str(state_dir)}
+    connect = "from airflow_ray.hooks import RayHook; RayHook('no_such_connection').connect()"
+    proc = subprocess.run(
+        [sys.executable, "-c", connect], env=env, capture_output=True, text=True, timeout=120
+    )
+    connections, received = squatter.received()
+    assert received == 0, f"the squatter received {received} bytes over {connections} connections"
+    assert connections <= 2  # the liveness probes: connect, close
+    assert proc.returncode != 0
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("airflow_ray.cluster.LocalClusterError: "), proc.stderr[-3000:]
+    assert f"state file {state_dir / 'cluster.json'} is stale" in error
+    assert "is no longer running" in error
+    assert f"something else listens on its port 127.0.0.1:{squatter.port}" in error
+    assert "`airflow-ray cluster stop`" in error and f"or remove {state_dir / 'cluster.json'}" in error
+
+
+@pytest.mark.parametrize(
+    "who",
+    [
+        pytest.param("head-restarted", id="head-pid-with-another-start-time"),
+        pytest.param("another-process", id="pid-of-a-live-process-that-is-not-the-head"),
+    ],
+)
+def test_state_file_with_the_right_port_but_another_head_is_refused(state_dir, ray_cluster, who):
+    """A real Ray head listens on the port, but it is not the process the state file names."""
+    from airflow_ray import cluster
+
+    if who == "head-restarted":
+        identity = {"head_pid": ray_cluster.head_pid, "head_started_at": ray_cluster.head_started_at - 3600}
+        found = f"pid {ray_cluster.head_pid} is no longer its head: that process started at"
+    else:
+        import psutil
+
+        identity = {"head_pid": os.getpid(), "head_started_at": psutil.Process().create_time()}
+        found = f"pid {os.getpid()} is {psutil.Process().name()!r} of uid {os.getuid()}, not a gcs_server"
+    _write_state(state_dir / "cluster.json", dataclasses.replace(ray_cluster, **identity))
+    with pytest.raises(LocalClusterError, match="is stale") as raised:
+        cluster.ensure_running()
+    assert found in str(raised.value)
+    assert f"something else listens on its port {ray_cluster.address}" in str(raised.value)
+    assert cluster.current() is None  # not the embedded cluster: what listens there is not ours
+
+
+def test_session_cluster_records_its_head_and_is_private(ray_cluster):
+    """The state file names the gcs_server listening on the cluster's port, is 0600, and the
+    temp dir is ours and 0700; ``current()`` verifies and returns it."""
+    import psutil
+
+    from airflow_ray import cluster, config
+
+    head = psutil.Process(ray_cluster.head_pid)
+    assert head.name() == "gcs_server" and head.create_time() == ray_cluster.head_started_at
+    listening = {c.laddr.port for c in head.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert ray_cluster.gcs_port in listening
+    assert (config.local_cluster_dir() / "cluster.json").stat().st_mode & 0o777 == 0o600
+    temp_dir = os.stat(ray_cluster.temp_dir)
+    assert (temp_dir.st_uid, temp_dir.st_mode & 0o777) == (os.getuid(), 0o700)
+    assert cluster.current() == ray_cluster
+
+
+#: A field to leave out of the state file.
+DROP = object()
+
+
+@pytest.mark.parametrize(
+    "content, mode, problem",
+    [
+        pytest.param(
+            "{",
+            0o600,
+            "is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
+            id="not-json",
+        ),
+        pytest.param("[]", 0o600, "holds list, expected a JSON object", id="not-an-object"),
+        pytest.param(
+            {"head_pid": DROP, "head_started_at": DROP},
+            0o600,
+            "lacks head_pid, head_started_at (written by an older airflow-ray?)",
+            id="older-format",
+        ),
+        pytest.param({"extra": 1}, 0o600, "has unknown fields extra", id="unknown-field"),
+        pytest.param(
+            {"address": "10.1.2.3:6379"},
+            0o600,
+            "has address = '10.1.2.3:6379', expected '127.0.0.1:<port>'",
+            id="address-off-loopback",
+        ),
+        pytest.param(
+            {"temp_dir": "/"},
+            0o600,
+            "has temp_dir = '/', expected an absolute, normalized path to an airflow_ray_* directory",
+            id="temp-dir-that-names-everything",
+        ),
+        pytest.param(
+            {"head_pid": "1"}, 0o600, "has head_pid = '1', expected a positive integer", id="pid-str"
+        ),
+        pytest.param({}, 0o666, "is writable by other users (mode 0666, expected 0600)", id="world-writable"),
+        pytest.param({}, 0o620, "is writable by other users (mode 0620, expected 0600)", id="group-writable"),
+    ],
+)
+def test_state_file_is_validated(state_dir, content, mode, problem):
+    """A state file that is not ours or not well-formed is refused with what is wrong and how to fix."""
+    from airflow_ray import cluster
+
+    path = state_dir / "cluster.json"
+    if isinstance(content, dict):
+        state = {**dataclasses.asdict(_stale_state()), **content}
+        content = json.dumps({k: v for k, v in state.items() if v is not DROP})
+    path.write_text(content)
+    path.chmod(mode)
+    with pytest.raises(LocalClusterError) as raised:
+        cluster.current()
+    assert str(raised.value) == (
+        f"The embedded Ray cluster's state file {path} {problem}: airflow-ray does not use it. To fix: "
+        "run `airflow-ray cluster stop` (it removes the state file) and `airflow-ray cluster start`, "
+        f"or remove {path}."
+    )
+    with pytest.raises(LocalClusterError, match="airflow-ray does not use it"):
+        cluster.ensure_running()
+
+
+def test_state_file_of_another_user_is_refused_and_stop_acts_on_nothing_it_says(state_dir):
+    """A state file owned by someone else (here root's file given to nobody, or a symlink) is
+    refused; ``stop()`` removes it without killing the processes it names."""
+    from airflow_ray import cluster
+
+    path = state_dir / "cluster.json"
+    named = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", "/tmp/airflow_ray_victim"]
+    )
+    try:
+        _write_state(path, dataclasses.replace(_stale_state(), temp_dir="/tmp/airflow_ray_victim"))
+        if os.getuid() == 0:
+            os.chown(path, NOBODY, NOBODY)
+            with pytest.raises(LocalClusterError, match=f"is owned by uid {NOBODY}, not by this user"):
+                cluster.current()
+        else:
+            path.rename(state_dir / "elsewhere.json")
+            path.symlink_to(state_dir / "elsewhere.json")
+            with pytest.raises(LocalClusterError, match="cannot be opened"):
+                cluster.current()
+        assert cluster.stop() is True
+        assert not path.exists() and named.poll() is None
+    finally:
+        named.kill()
+        named.wait()
+
+
+NOBODY = 65534
+
+
+@pytest.mark.parametrize(
+    "prepare, problem",
+    [
+        pytest.param(
+            lambda path: os.chmod(path, 0o777),
+            "is open to other users (mode 0777, expected 0700): anything in it may be planted",
+            id="world-writable",
+        ),
+        pytest.param(
+            lambda path: os.chmod(path, 0o750),
+            "is open to other users (mode 0750, expected 0700): anything in it may be planted",
+            id="group-readable",
+        ),
+        pytest.param(
+            lambda path: os.chown(path, NOBODY, NOBODY),
+            f"belongs to uid {NOBODY}, not to this user (uid {os.getuid()}): someone else created it",
+            id="another-users",
+            marks=pytest.mark.skipif(os.getuid() != 0, reason="chown to nobody needs root"),
+        ),
+    ],
+)
+def test_temp_dir_someone_else_prepared_is_refused(state_dir, prepare, problem):
+    """Ray's temp dir has a predictable name in /tmp: one that exists and is not ours and
+    private stops the start before ``ray start`` (no cluster, no token in its logs)."""
+    from airflow_ray import cluster
+
+    temp_dir = cluster.temp_dir_path()
+    os.mkdir(temp_dir)
+    try:
+        prepare(temp_dir)
+        with pytest.raises(LocalClusterError) as raised:
+            cluster.ensure_running()
+        assert str(raised.value) == (
+            f"The embedded Ray cluster's temp dir {temp_dir} {problem}. To fix: remove it (as its owner "
+            "or root), or move it elsewhere with [ray] local_cluster_dir (the temp dir's name follows it) "
+            "or TMPDIR."
+        )
+        assert not (state_dir / "ray-start.log").exists()  # refused before `ray start`
+    finally:
+        shutil.rmtree(temp_dir)
+
+
+def test_temp_dir_symlink_is_refused(state_dir, tmp_path):
+    from airflow_ray import cluster
+
+    temp_dir = cluster.temp_dir_path()
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    os.symlink(target, temp_dir)
+    try:
+        with pytest.raises(LocalClusterError, match="is not a directory \\(a symlink\\?\\)"):
+            cluster.ensure_running()
+    finally:
+        os.unlink(temp_dir)
+
+
+def _write_state(path: Path, state: LocalCluster) -> None:
+    path.write_text(json.dumps(dataclasses.asdict(state)))
+    path.chmod(0o600)
+
+
+@functools.cache
+def _stale_state(port: int | None = None) -> LocalCluster:
+    """A state file's cluster whose head is gone: a pid that just exited, a port nothing listens on."""
+    exited = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    return LocalCluster(
+        address=f"127.0.0.1:{port}",
+        client_address="ray://127.0.0.1:1",
+        dashboard_url=None,
+        temp_dir="/tmp/airflow_ray_stale",
+        started_at=1.0,
+        head_pid=int(exited.stdout),
+        head_started_at=1.0,
+    )
