@@ -209,10 +209,7 @@ def owner_shards() -> int:
 
 @_accessor
 def deployment_id() -> str | None:
-    from airflow_ray.deployment import validate_id
-
-    value = _get("deployment_id")
-    return validate_id(value, source="[ray] deployment_id") if value else None
+    return _get("deployment_id") or None  # validated by airflow_ray.deployment
 
 
 @_accessor

@@ -57,7 +57,9 @@ def current() -> Deployment:
     :raises ValueError: when ``[ray] deployment_id`` or the stored secret is malformed.
     """
     secret = _secret()
-    return Deployment(id=config.deployment_id() or _derived_id(secret), key=bytes.fromhex(secret))
+    configured = config.deployment_id()
+    name = validate_id(configured, source="[ray] deployment_id") if configured else _derived_id(secret)
+    return Deployment(id=name, key=bytes.fromhex(secret))
 
 
 def validate_id(value: str, *, source: str) -> str:

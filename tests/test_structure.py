@@ -213,6 +213,7 @@ def test_config_defaults_are_declared_once(configure):
             "xcom_threshold_bytes": 65536,
             "xcom_conn_id": "ray_default",
             "object_ttl_seconds": 86400,
+            "deployment_id": None,
             "max_objects": 100_000,
             "owner_shards": 1,
             "namespace": "airflow_ray",
