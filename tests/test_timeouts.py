@@ -168,8 +168,15 @@ def test_serve_smoke_test_gives_up(unresponsive_server):  # noqa: F811
 
 @pytest.fixture
 def unresponsive_s3(unresponsive_server, monkeypatch) -> str:  # noqa: F811
-    """An aws connection whose endpoint never answers. botocore's own retries are off
-    (``config_kwargs``, which the connection may always set): s3fs still tries 5 times."""
+    """An aws connection whose endpoint never answers, each request tried once.
+
+    botocore's retries are off through the connection's ``config_kwargs`` (which a connection may
+    always set); s3fs's (5 tries, a class attribute) through the class, for this test only: both
+    multiply the bound this test is about, the one on each request.
+    """
+    import s3fs
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     connection = {
         "conn_type": "aws",
         "login": "key",
