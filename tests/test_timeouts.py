@@ -160,7 +160,8 @@ def test_serve_smoke_test_gives_up(unresponsive_server):  # noqa: F811
     )
     with pytest.raises(ServiceTimeoutError) as error:
         op._smoke_test([0.5])
-    _assert_names(error.value, f"Serve's HTTP proxy at {unresponsive_server.url}/silent", "smoke-test request")
+    proxy = f"Serve's HTTP proxy at {unresponsive_server.url}/silent"
+    _assert_names(error.value, proxy, "smoke-test request")
 
 
 # --- object storage -------------------------------------------------------------------------------
