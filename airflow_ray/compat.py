@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 #: The Ray minor version every function below was checked against (see ``pyproject.toml``).
 CHECKED_RAY_VERSION = "2.60"
@@ -120,6 +123,27 @@ def ping(address: str, *, client: bool, label: str) -> None:
         ) from exc
     finally:
         channel.close()
+
+
+def job_submission_client(address: str, headers: dict[str, str], timeout: float) -> JobSubmissionClient:
+    """Ray's ``JobSubmissionClient`` whose every HTTP request gives up after ``timeout`` seconds.
+
+    Private API: ``SubmissionClient._do_request``, the one method through which the client sends
+    every request (the version check in its constructor, submit, package upload, status, logs,
+    stop) with ``requests`` and no timeout, so an unresponsive dashboard blocks the caller forever.
+    Ray has no public timeout; overriding this method adds ``requests``' own (connect and read,
+    per socket operation: a large upload is not cut short). Checked against Ray 2.60.
+
+    :raises requests.exceptions.Timeout: (from the methods) the dashboard did not answer in time.
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    class _BoundedJobSubmissionClient(JobSubmissionClient):
+        def _do_request(self, *args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", timeout)
+            return super()._do_request(*args, **kwargs)
+
+    return _BoundedJobSubmissionClient(address, headers=headers)
 
 
 def cluster_status(address: str) -> dict[str, Any]:

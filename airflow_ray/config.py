@@ -75,6 +75,25 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "example": "600",
         "default": "60",
     },
+    "http_timeout_seconds": {
+        "description": "Seconds one HTTP request may take to connect and to answer: the Ray Jobs API "
+        "(submit, status, logs, stop), the MLflow tracking server and the Serve smoke test. A server "
+        "that accepts the connection and never answers fails the call after this long instead of "
+        "hanging the task or the triggerer. MLflow retries such a request itself "
+        "(MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by default).",
+        "type": "integer",
+        "example": "120",
+        "default": "60",
+    },
+    "storage_timeout_seconds": {
+        "description": "Seconds one s3:// request (checkpoint reads and writes, gc) may take to connect "
+        "and to answer, per request, not per transfer (botocore's connect and read timeouts). The "
+        "connection's own config_kwargs win. s3fs and botocore retry a timed-out request "
+        "(config_kwargs ``retries`` bounds botocore's). Other stores keep their own timeouts.",
+        "type": "integer",
+        "example": "120",
+        "default": "60",
+    },
     "checkpoint_path": {
         "description": "Default base URI for task checkpoints (``s3://bucket/prefix``, "
         "``file:///path``) when a task sets ``checkpoint=True`` without a path or connection.",
@@ -220,6 +239,16 @@ def namespace() -> str:
 @_accessor
 def infeasible_task_timeout() -> float:
     return float(_get_int("infeasible_task_timeout"))
+
+
+@_accessor
+def http_timeout_seconds() -> float:
+    return float(_get_int("http_timeout_seconds"))
+
+
+@_accessor
+def storage_timeout_seconds() -> float:
+    return float(_get_int("storage_timeout_seconds"))
 
 
 @_accessor

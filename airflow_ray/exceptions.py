@@ -22,6 +22,28 @@ class RayAuthenticationError(RayConnectionError):
     """The cluster rejected our token (Ray token authentication)."""
 
 
+@public_api("beta")
+class ServiceTimeoutError(AirflowException, TimeoutError):
+    """A server accepted the connection but did not answer in time (Ray Jobs API, MLflow, Serve).
+
+    Build it with :func:`service_timeout`, so every such message names the server, the operation
+    and the ``[ray]`` option that bounds it.
+    """
+
+
+def service_timeout(server: str, operation: str, seconds: float, option: str) -> ServiceTimeoutError:
+    """The error for ``operation`` on ``server`` that got no answer within ``seconds``.
+
+    :param server: what and where, e.g. ``"the Ray Jobs API at http://head:8265"``.
+    :param option: the ``[ray]`` option whose value ``seconds`` is.
+    """
+    return ServiceTimeoutError(
+        f"{server} did not answer {operation} within {seconds:g} s. If it is only slow, raise "
+        f"[ray] {option} (env AIRFLOW__RAY__{option.upper()}); otherwise check that it is up and "
+        "that nothing between us (proxy, firewall) swallows the request."
+    )
+
+
 @public_api("stable")
 class InfeasibleResourcesError(AirflowException):
     """No node of the cluster can ever satisfy the task's resource request."""

@@ -58,10 +58,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from airflow_ray import config
+from airflow_ray._worker.timeouts import caused_by_timeout
 from airflow_ray._worker.tracking import (
     PARENT_RUN_TAG,
     Promotion,
     TrackedRun,
+    mlflow_environment,
     register_if_better,
     xgboost_callback,
 )
@@ -124,7 +127,8 @@ class MlflowTracking:
         map_index = -1 if ti.map_index is None else ti.map_index
         server = tracking_server(self.conn_id)
         identity = airflow_tags(ti.dag_id, ti.run_id, ti.task_id, ti.try_number, map_index)
-        with _environment(server.credentials):
+        operation = f"creating a run in experiment '{self.experiment}'"
+        with _environment(server.environment), server.bounded(operation):
             client = MlflowClient(server.uri)
             experiment_id = _experiment_id(client, self.experiment, self.artifact_location)
             default_name = ti.task_id if map_index < 0 else f"{ti.task_id}[{map_index}]"
@@ -143,6 +147,7 @@ class MlflowTracking:
             run_id=run.info.run_id,
             tags=identity,
             credentials=server.credentials,
+            timeout_s=server.timeout_s,
         )
 
 
@@ -153,6 +158,31 @@ class TrackingServer:
     uri: str
     source: str
     credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: Seconds one request may take: ``[ray] http_timeout_seconds`` when the server was resolved.
+    timeout_s: float = field(default_factory=config.http_timeout_seconds)
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """What MLflow reads from the environment for this server: credentials, request timeout."""
+        return mlflow_environment(self.credentials, self.timeout_s)
+
+    @contextlib.contextmanager
+    def bounded(self, operation: str) -> Iterator[None]:
+        """Turn MLflow's error for a request that timed out into one naming the server, the
+        operation and the option that bounds it (MLflow's own names only the URL)."""
+        from airflow_ray.exceptions import service_timeout
+
+        try:
+            yield
+        except Exception as exc:
+            if not caused_by_timeout(exc):
+                raise
+            raise service_timeout(
+                f"The MLflow tracking server at {self.uri} (from {self.source})",
+                operation,
+                self.timeout_s,
+                "http_timeout_seconds",
+            ) from exc
 
 
 def tracking_server(conn_id: str = DEFAULT_CONN_ID) -> TrackingServer:

@@ -218,6 +218,8 @@ def test_config_defaults_are_declared_once(configure):
             "owner_shards": 1,
             "namespace": "airflow_ray",
             "infeasible_task_timeout": 60.0,
+            "http_timeout_seconds": 60.0,
+            "storage_timeout_seconds": 60.0,
             "checkpoint_path": None,
             "checkpoint_conn_id": None,
             "checkpoint_retention_seconds": 604800,

@@ -30,10 +30,10 @@ class MlflowModelServer:
     (Serve marks it ``DEPLOY_FAILED``) instead of failing every request later.
     """
 
-    def __init__(self, model_uri: str, tracking_uri: str, credentials: Mapping[str, str]) -> None:
+    def __init__(self, model_uri: str, tracking_uri: str, mlflow_env: Mapping[str, str]) -> None:
         import mlflow.pyfunc
 
-        os.environ.update(credentials)
+        os.environ.update(mlflow_env)  # credentials and request timeout: MLflow reads them there
         mlflow.set_tracking_uri(tracking_uri)
         self.model_uri = model_uri
         self.model = mlflow.pyfunc.load_model(model_uri)
@@ -70,7 +70,7 @@ def frame(payload: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def reference_predictions(
-    model_uri: str, tracking_uri: str, credentials: Mapping[str, str], payload: Mapping[str, Any]
+    model_uri: str, tracking_uri: str, mlflow_env: Mapping[str, str], payload: Mapping[str, Any]
 ) -> list[Any]:
     """The registered model's own answer to ``payload``, computed outside Serve (a Ray task).
 
@@ -78,6 +78,6 @@ def reference_predictions(
     """
     import mlflow.pyfunc
 
-    os.environ.update(credentials)
+    os.environ.update(mlflow_env)
     mlflow.set_tracking_uri(tracking_uri)
     return predict(mlflow.pyfunc.load_model(model_uri), payload)

@@ -17,12 +17,16 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .timeouts import caused_by_timeout
+
 if TYPE_CHECKING:
     import mlflow
     from mlflow import MlflowClient
     from ray.tune import Callback
 
 PARENT_RUN_TAG = "mlflow.parentRunId"  # how MLflow itself marks a nested run
+#: MLflow reads its per-request timeout from this environment variable, at every request.
+TIMEOUT_VARIABLE = "MLFLOW_HTTP_REQUEST_TIMEOUT"
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +41,32 @@ class TrackedRun:
     run_id: str
     tags: Mapping[str, str]
     credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: Seconds one request to the server may take (``[ray] http_timeout_seconds`` where the run
+    #: was created); None leaves MLflow's default.
+    timeout_s: float | None = None
 
     @contextlib.contextmanager
     def start(self) -> Iterator[mlflow.ActiveRun]:
         """Make this the active MLflow run of this process (``mlflow.log_*`` go to it).
 
-        Ends it ``FINISHED``, or ``FAILED`` if the block raises.
+        Ends it ``FINISHED``, or ``FAILED`` if the block raises. A request that timed out, in the
+        block or starting the run, gets a note naming the server and the option to raise.
         """
         import mlflow
 
         self.use()
-        with mlflow.start_run(run_id=self.run_id) as run:
-            yield run
+        try:
+            with mlflow.start_run(run_id=self.run_id) as run:
+                yield run
+        except Exception as exc:
+            if caused_by_timeout(exc):
+                within = "in time" if self.timeout_s is None else f"within {self.timeout_s:g} s"
+                exc.add_note(
+                    f"The MLflow tracking server at {self.tracking_uri} did not answer {within}: if "
+                    "it is only slow, raise [ray] http_timeout_seconds (env "
+                    "AIRFLOW__RAY__HTTP_TIMEOUT_SECONDS) where Airflow runs the task."
+                )
+            raise
 
     def use(self) -> None:
         """Point this process's MLflow at the run's server (URI and credentials).
@@ -58,7 +76,7 @@ class TrackedRun:
         """
         import mlflow
 
-        os.environ.update(self.credentials)
+        os.environ.update(mlflow_environment(self.credentials, self.timeout_s))
         mlflow.set_tracking_uri(self.tracking_uri)
 
     def client(self) -> MlflowClient:
@@ -169,6 +187,16 @@ def register_if_better(
     client.set_tag(tracking.run_id, "promotion", summary)
     log.info("%s", summary)
     return decision
+
+
+def mlflow_environment(credentials: Mapping[str, str], timeout_s: float | None) -> dict[str, str]:
+    """What MLflow reads from the environment to talk to one server: credentials, request timeout.
+
+    MLflow has no other way to take either; its own retries of a timed-out request
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``) are left as the process has them.
+    """
+    timeout = {} if timeout_s is None else {TIMEOUT_VARIABLE: f"{timeout_s:g}"}
+    return {**credentials, **timeout}
 
 
 def xgboost_callback(every: int = 1) -> Any:

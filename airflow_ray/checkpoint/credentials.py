@@ -24,7 +24,7 @@ from typing import Any
 
 from airflow_ray._worker.checkpoint.filesystem import LOCAL_PROTOCOLS
 
-_S3_PROTOCOLS = frozenset({"s3", "s3a", "s3n"})
+S3_PROTOCOLS = frozenset({"s3", "s3a", "s3n"})
 _GCS_PROTOCOLS = frozenset({"gs", "gcs"})
 # Connection type -> fsspec protocol, for connections that name a bucket rather than a full URI.
 _CONN_TYPE_PROTOCOLS = {
@@ -55,7 +55,7 @@ def storage_options(conn: Any, protocol: str) -> dict[str, Any]:
             f"Checkpoint base uses {protocol}:// but connection {conn.conn_id!r} "
             f"(type {conn.conn_type!r}) is for {conn_protocol}://"
         )
-    if protocol in _S3_PROTOCOLS:
+    if protocol in S3_PROTOCOLS:
         options = _s3_options(conn)
     elif protocol in _GCS_PROTOCOLS:
         options = _gcs_options(conn)
@@ -153,7 +153,7 @@ def _gcs_options(conn: Any) -> dict[str, Any]:
 
 
 def _protocol_family(protocol: str) -> str:
-    if protocol in _S3_PROTOCOLS:
+    if protocol in S3_PROTOCOLS:
         return "s3"
     if protocol in _GCS_PROTOCOLS:
         return "gs"

@@ -11,7 +11,7 @@ from typing import Any
 
 from airflow_ray._worker.checkpoint import CheckpointLocation, checkpoint_uri, normalize_base
 from airflow_ray._worker.checkpoint.filesystem import LOCAL_PROTOCOLS
-from airflow_ray.checkpoint.credentials import connection_protocol, storage_options
+from airflow_ray.checkpoint.credentials import S3_PROTOCOLS, connection_protocol, storage_options
 from airflow_ray.version import __version__
 
 
@@ -62,7 +62,7 @@ def resolve_checkpoint_location(
             "(env AIRFLOW__RAY__CHECKPOINT_PATH)."
         )
     base = normalize_base(base)
-    options = storage_options(conn, _protocol_of(base)) if conn is not None else {}
+    options = _options(conn, base)
     uri = checkpoint_uri(base, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index)
     return CheckpointLocation(uri=uri, storage_options=options, producer={"airflow_ray": __version__})
 
@@ -71,7 +71,26 @@ def storage_options_for(uri: str, conn_id: str | None) -> dict[str, Any]:
     """fsspec options for reading ``uri`` with the credentials of ``conn_id``."""
     conn_id = conn_id or _config_option("checkpoint_conn_id")
     conn = _get_connection(conn_id) if conn_id else None
-    return storage_options(conn, _protocol_of(uri)) if conn is not None else {}
+    return _options(conn, uri)
+
+
+def _options(conn: Any, uri: str) -> dict[str, Any]:
+    """The connection's fsspec options for ``uri``, with every request bounded in time.
+
+    s3fs passes ``config_kwargs`` to botocore, whose connect and read timeouts hold per request
+    (60 s each by default; a store that accepts and never answers is retried by botocore and
+    s3fs, but no longer forever). ``[ray] storage_timeout_seconds`` fills the ones the
+    connection's own ``config_kwargs`` leave unset. Other stores keep their own defaults.
+    """
+    protocol = _protocol_of(uri)
+    options = storage_options(conn, protocol) if conn is not None else {}
+    if protocol in S3_PROTOCOLS:
+        from airflow_ray import config
+
+        timeout = config.storage_timeout_seconds()
+        bounds = {"connect_timeout": timeout, "read_timeout": timeout}
+        options["config_kwargs"] = {**bounds, **options.get("config_kwargs", {})}
+    return options
 
 
 def _config_option(key: str) -> str | None:

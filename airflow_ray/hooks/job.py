@@ -20,14 +20,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowNotFoundException
 
+from airflow_ray import config
 from airflow_ray._api import public_api
-from airflow_ray.exceptions import RayAuthenticationError, RayConnectionError
+from airflow_ray.exceptions import (
+    RayAuthenticationError,
+    RayConnectionError,
+    ServiceTimeoutError,
+    service_timeout,
+)
 from airflow_ray.hooks.ray import DashboardTarget, RayHook, http_token
 
 if TYPE_CHECKING:
@@ -36,7 +42,6 @@ if TYPE_CHECKING:
 
 #: Ray job states that never change again (``ray.job_submission.JobStatus``).
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
-_HTTP_TIMEOUT_S = 30.0
 _TAIL_GRACE_S = 10.0
 _AGENT_WAIT_S = 60.0
 
@@ -74,14 +79,18 @@ class RayJobHook(RayHook):
 
     @cached_property
     def client(self) -> JobSubmissionClient:
-        from ray.job_submission import JobSubmissionClient
+        """Ray's job client; each of its requests gives up after ``[ray] http_timeout_seconds``."""
+        from airflow_ray import compat
 
-        try:
-            return JobSubmissionClient(self.dashboard.url, headers=self.dashboard.headers)
-        except ConnectionError as exc:
-            raise RayConnectionError(
-                f"Ray Jobs API unreachable at {self.dashboard.url} (from {self.dashboard.source}): {exc}"
-            ) from exc
+        with self._bounded("the version check"):
+            try:
+                return compat.job_submission_client(
+                    self.dashboard.url, self.dashboard.headers, config.http_timeout_seconds()
+                )
+            except ConnectionError as exc:
+                raise RayConnectionError(
+                    f"Ray Jobs API unreachable at {self.dashboard.url} (from {self.dashboard.source}): {exc}"
+                ) from exc
 
     # -- blocking (the Airflow worker) ---------------------------------------------------------
 
@@ -95,7 +104,10 @@ class RayJobHook(RayHook):
         deadline = time.monotonic() + _AGENT_WAIT_S
         while True:
             try:
-                return self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id, **kwargs)
+                with self._bounded(f"the submission of job {submission_id}"):
+                    return self.client.submit_job(
+                        entrypoint=entrypoint, submission_id=submission_id, **kwargs
+                    )
             except RuntimeError as exc:
                 if "No available agent" not in str(exc) or time.monotonic() > deadline:
                     raise
@@ -105,7 +117,8 @@ class RayJobHook(RayHook):
     def get_job_status(self, submission_id: str) -> str | None:
         """The job's status (``PENDING``, ``RUNNING``, ``SUCCEEDED``...), or None if it does not exist."""
         try:
-            return str(self.client.get_job_status(submission_id).value)
+            with self._bounded(f"a status request for job {submission_id}"):
+                return str(self.client.get_job_status(submission_id).value)
         except RuntimeError as exc:
             if "does not exist" in str(exc):
                 return None
@@ -113,10 +126,17 @@ class RayJobHook(RayHook):
 
     def stop_job(self, submission_id: str) -> bool:
         """Ask Ray to stop the job (SIGTERM, then SIGKILL); True if it was still running."""
-        return self.client.stop_job(submission_id)
+        with self._bounded(f"the stop request for job {submission_id}"):
+            return self.client.stop_job(submission_id)
+
+    def get_job_logs(self, submission_id: str) -> str:
+        """The job's whole log so far."""
+        with self._bounded(f"a log request for job {submission_id}"):
+            return self.client.get_job_logs(submission_id)
 
     def list_jobs(self) -> list[dict[str, Any]]:
-        return [job.dict() for job in self.client.list_jobs()]
+        with self._bounded("the job list request"):
+            return [job.dict() for job in self.client.list_jobs()]
 
     # -- async (the triggerer, and the worker's wait loop) -------------------------------------
 
@@ -179,6 +199,25 @@ class RayJobHook(RayHook):
 
     # -- private -----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _bounded(self, operation: str) -> Iterator[None]:
+        """Turn ``requests``' timeout (what every client request now has) into an error naming
+        the dashboard, the operation and the option that bounds it."""
+        import requests
+
+        try:
+            yield
+        except requests.exceptions.Timeout as exc:
+            raise self._timeout(operation) from exc
+
+    def _timeout(self, operation: str) -> ServiceTimeoutError:
+        return service_timeout(
+            f"The Ray Jobs API at {self.dashboard.url} (from {self.dashboard.source})",
+            operation,
+            config.http_timeout_seconds(),
+            "http_timeout_seconds",
+        )
+
     async def _a_follow(self, submission_id: str, lines: _LineSplitter) -> None:
         async for chunk in self.a_tail_job_logs(submission_id):
             lines.feed(chunk)
@@ -203,8 +242,11 @@ class RayJobHook(RayHook):
         import aiohttp
 
         target = await self._a_dashboard()
+        # No total limit: the log tail's websocket lives as long as the job. The status polls
+        # beside it are bounded, and a dashboard that stops answering ends the wait through them.
         return aiohttp.ClientSession(
-            headers=target.headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=_HTTP_TIMEOUT_S)
+            headers=target.headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.http_timeout_seconds()),
         )
 
     async def _a_request(self, method: str, path: str) -> Any:
@@ -212,7 +254,7 @@ class RayJobHook(RayHook):
 
         session = await self._a_session()
         url = f"{self.dashboard.url}{path}"
-        timeout = aiohttp.ClientTimeout(total=_HTTP_TIMEOUT_S)
+        timeout = aiohttp.ClientTimeout(total=config.http_timeout_seconds())
         try:
             async with session, session.request(method, url, timeout=timeout) as resp:
                 body = await resp.text()
@@ -224,6 +266,8 @@ class RayJobHook(RayHook):
                 if resp.status != 200:
                     raise RuntimeError(f"{method} {url} failed ({resp.status}): {body[:500]}")
                 return await resp.json(content_type=None)
+        except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors
+            raise self._timeout(f"{method} {path}") from exc
         except aiohttp.ClientConnectionError as exc:
             raise RayConnectionError(f"Ray Jobs API unreachable at {self.dashboard.url}: {exc}") from exc
 

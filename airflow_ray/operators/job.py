@@ -229,7 +229,7 @@ class RaySubmitJobOperator(ResumableJobMixin, BaseOperator):
             self.log.info("Ray job %s succeeded", submission_id)
             return
         try:
-            logs = self.hook.client.get_job_logs(submission_id)
+            logs = self.hook.get_job_logs(submission_id)
         except Exception as exc:  # the status is the news; the log tail is a courtesy
             logs = f"(could not fetch the job log: {exc})"
         tail = "\n".join(logs.rstrip("\n").splitlines()[-LOG_TAIL_LINES:])

@@ -52,7 +52,9 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
+from airflow_ray import config
 from airflow_ray._api import public_api
+from airflow_ray.exceptions import service_timeout
 from airflow_ray.hooks import RayHook
 from airflow_ray.tracking import DEFAULT_CONN_ID, TrackingServer, tracking_server
 
@@ -183,7 +185,7 @@ class RayServeDeployOperator(BaseOperator):
         deployment = serve.deployment(
             name="model", num_replicas=self.num_replicas, ray_actor_options=self.ray_actor_options
         )(serving.MlflowModelServer)
-        app = deployment.bind(model_uri, server.uri, dict(server.credentials))
+        app = deployment.bind(model_uri, server.uri, server.environment)
         started = time.monotonic()
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve-run")
         try:
@@ -207,9 +209,15 @@ class RayServeDeployOperator(BaseOperator):
         from airflow_ray._worker import serving
 
         reference = ray.remote(serving.reference_predictions).options(num_cpus=0)
-        return ray.get(reference.remote(model_uri, server.uri, dict(server.credentials), self.smoke_request))
+        return ray.get(reference.remote(model_uri, server.uri, server.environment, self.smoke_request))
 
     def _smoke_test(self, expected: list[Any]) -> list[Any]:
+        """POST ``smoke_request`` to the app through Serve's HTTP proxy; compare the answer.
+
+        One request, bounded by ``[ray] http_timeout_seconds``: a proxy that accepts and never
+        answers fails the deploy (and rolls it back) instead of holding the task forever.
+        """
+        timeout = config.http_timeout_seconds()
         started = time.monotonic()
         request = urllib.request.Request(
             self.url,
@@ -218,13 +226,17 @@ class RayServeDeployOperator(BaseOperator):
             method="POST",
         )
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 answer = json.loads(response.read())
         except urllib.error.HTTPError as exc:
             raise AirflowException(
                 f"Smoke test: {self.url} answered HTTP {exc.code}: {exc.read()[:500]!r}"
             ) from exc
-        except urllib.error.URLError as exc:
+        except (TimeoutError, urllib.error.URLError) as exc:
+            # urllib raises a timeout bare while it reads the answer, in a URLError while it sends
+            if isinstance(exc, TimeoutError) or isinstance(exc.reason, TimeoutError):
+                proxy, option = f"Serve's HTTP proxy at {self.url}", "http_timeout_seconds"
+                raise service_timeout(proxy, "the smoke-test request", timeout, option) from exc
             raise AirflowException(
                 f"Smoke test: cannot reach {self.url} ({exc.reason}); is Serve's HTTP proxy on "
                 f"{self.url}? (Serve keeps the HTTP options of whoever started it first)"
@@ -293,8 +305,9 @@ def pin_model_uri(model_uri: str, server: TrackingServer) -> str:
     from mlflow import MlflowClient
 
     name, alias = model_uri.removeprefix("models:/").split("@", 1)
-    os.environ.update(server.credentials)
-    version = MlflowClient(server.uri).get_model_version_by_alias(name, alias).version
+    os.environ.update(server.environment)
+    with server.bounded(f"looking up {model_uri}"):
+        version = MlflowClient(server.uri).get_model_version_by_alias(name, alias).version
     return f"models:/{name}/{version}"
 
 

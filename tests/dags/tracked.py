@@ -113,3 +113,21 @@ def mlflow_tune():
 
 mlflow_tracked_dag = mlflow_tracked()
 mlflow_tune_dag = mlflow_tune()
+
+
+@dag(dag_id="mlflow_unresponsive", schedule=None)
+def mlflow_unresponsive():
+    """Logs one metric: run with MLFLOW_TRACKING_URI pointing at a server that never answers."""
+
+    @ray_task(num_cpus=0)
+    def log_one(tracking: TrackedRun) -> str:
+        import mlflow
+
+        with tracking.start():
+            mlflow.log_metric("one", 1.0)
+        return tracking.run_id
+
+    log_one(tracking=MlflowTracking(experiment=EXPERIMENT))
+
+
+mlflow_unresponsive_dag = mlflow_unresponsive()

@@ -13,7 +13,7 @@ not airflow-ray. One concept per module:
 * :mod:`.filesystem`: the fsspec operations used; :mod:`.errors`: what is raised.
 """
 
-from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, CheckpointTimeoutError
 from .io import (
     RunCheckpoints,
     delete_checkpoint,
@@ -35,6 +35,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointLocation",
     "CheckpointNotFoundError",
+    "CheckpointTimeoutError",
     "RunCheckpoints",
     "checkpoint_uri",
     "delete_checkpoint",

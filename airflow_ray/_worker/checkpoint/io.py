@@ -15,7 +15,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from . import streams
-from .errors import CheckpointCorruptError
+from .errors import CheckpointCorruptError, translate_timeouts
 from .filesystem import display, is_local, open_fs, remove_quietly, remove_tree, subdirectories
 from .formats import READERS, plan
 from .manifest import DATA_FILES, MANIFEST_NAME, load_manifest, new_manifest, save_manifest
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
 
+@translate_timeouts("Writing the checkpoint", "location")
 def write_checkpoint(value: Any, location: CheckpointLocation, *, blocks: bool = False) -> dict[str, Any]:
     """Write ``value`` as a checkpoint at ``location`` and return its manifest.
 
@@ -72,6 +73,7 @@ def write_checkpoint(value: Any, location: CheckpointLocation, *, blocks: bool =
     return manifest
 
 
+@translate_timeouts("Reading the manifest of", "location_or_uri")
 def read_manifest(
     location_or_uri: CheckpointLocation | str, storage_options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -85,6 +87,7 @@ def read_manifest(
     return load_manifest(fs, dir_path)
 
 
+@translate_timeouts("Reading the checkpoint", "location_or_uri")
 def read_checkpoint(
     location_or_uri: CheckpointLocation | str, storage_options: dict[str, Any] | None = None
 ) -> Any:
@@ -125,6 +128,7 @@ def read_checkpoint(
     return reader(fs, data_path, manifest)
 
 
+@translate_timeouts("Deleting the checkpoint", "uri")
 def delete_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> None:
     """Delete one checkpoint directory, or a directory of them; a missing one is not an error.
 
@@ -136,6 +140,7 @@ def delete_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -
     remove_tree(fs, dir_path)
 
 
+@translate_timeouts("Deleting the run checkpoints under", "base_uri")
 def delete_run_checkpoints(
     base_uri: str, dag_id: str, run_id: str, storage_options: dict[str, Any] | None = None
 ) -> None:
