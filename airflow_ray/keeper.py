@@ -7,13 +7,14 @@ each on a loaded 2-core machine, paid by every ``@ray_task`` under the LocalExec
 created by a driver that stays connected reuses its idle workers (5 ms a call, measured).
 
 :func:`airflow_ray.cluster.start` runs ``python -m airflow_ray.keeper <address> <temp dir>
-<ready file> <deployment id>`` after ``ray start --head``: it connects, creates the owner shards
-of the deployment that started the cluster (:mod:`airflow_ray.deployment`), writes the ready file
-and waits. It ends with the cluster: :func:`airflow_ray.cluster.stop` kills the
-processes whose command line names the cluster's temp dir, this one included. Owners it did
-not create (a new code version, an owner restarted after a crash) are created by the task
-that needs them, as on any other cluster: correct, only slower. So are the owners of another
-deployment that shares this cluster.
+<ready file> <deployment id>`` after ``ray start --head``: it connects, starts the owner factory
+(:mod:`airflow_ray._worker.factory`: task processes of any deployment sharing the cluster get
+their owners created through it, in this job), creates the owner shards of the deployment that
+started the cluster (:mod:`airflow_ray.deployment`), writes the ready file and waits. It ends
+with the cluster: :func:`airflow_ray.cluster.stop` kills the processes whose command line names
+the cluster's temp dir, this one included. Owners of a code version the keeper does not run
+have no factory and are created by the task that needs them, as on any other cluster: correct,
+only slower.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def main(argv: list[str]) -> None:
     from airflow_ray import config, owners
 
     ray.init(address=address, namespace=config.namespace(), log_to_driver=False, configure_logging=False)
+    factory = owners.start_factory()
+    ray.get(factory.__ray_ready__.remote())
     names = owners.owner_names(deployment_id)
     handles = [owners.get_owner(name, create=True) for name in names]
     ray.get([owner.stats.remote() for owner in handles])  # created and answering

@@ -28,6 +28,14 @@ from airflow_ray._worker.owner import shard_for
 from airflow_ray.version import __version__
 
 OWNER_PREFIX = "airflow_ray_owner-v"
+FACTORY_PREFIX = "airflow_ray_factory-v"
+#: Owners and the factory: detached, no CPU, on the head node (which outlives worker nodes).
+_DETACHED_ON_HEAD: dict[str, Any] = {
+    "lifetime": "detached",
+    "get_if_exists": True,
+    "num_cpus": 0,
+    "resources": {"node:__internal_head__": 0.001},
+}
 _NAME = re.compile(
     re.escape(OWNER_PREFIX)
     + r"(?P<version>[^-]+)-(?P<code>[0-9a-f]{8})-(?P<deployment>[a-z0-9][a-z0-9-]*)-(?P<shard>\d+)"
@@ -65,7 +73,7 @@ def parse_owner_name(name: str) -> OwnerName | None:
 
 
 def get_owner(name: str, *, create: bool = False) -> Any:
-    """Handle of a named owner actor; with ``create`` start it (detached, on the head node).
+    """Handle of a named owner actor; with ``create`` start it if there is none.
 
     :raises ValueError: without ``create``, when no such actor exists (``ray.get_actor``'s error).
     """
@@ -74,29 +82,49 @@ def get_owner(name: str, *, create: bool = False) -> Any:
     if (cached := _handles.get(name)) is not None:
         return cached
     ship_worker_code()
-    if create:
-        from airflow_ray._worker.owner import Owner
-
-        if parse_owner_name(name) is None:  # only names this module made (see owner_names)
-            raise ValueError(f"Not an airflow-ray owner name: {name!r}")
-
-        handle = (
-            ray.remote(Owner)
-            .options(
-                name=name,
-                namespace=config.namespace(),
-                lifetime="detached",
-                get_if_exists=True,
-                max_concurrency=1000,
-                num_cpus=0,
-                resources={"node:__internal_head__": 0.001},
-            )
-            .remote(config.object_ttl_seconds(), config.max_objects())
-        )
-    else:
+    try:
         handle = ray.get_actor(name, namespace=config.namespace())
+    except ValueError:
+        if not create:
+            raise
+        handle = _create_owner(name)
     _handles[name] = handle
     return handle
+
+
+def factory_name() -> str:
+    """The name of the keeper's :class:`~airflow_ray._worker.factory.OwnerFactory` for this code."""
+    return f"{FACTORY_PREFIX}{__version__}-{worker_code_hash()}"
+
+
+def start_factory() -> Any:
+    """Create the owner factory in the calling driver's Ray job (the keeper's)."""
+    import ray
+
+    from airflow_ray._worker.factory import OwnerFactory
+
+    ship_worker_code()
+    options = {**_DETACHED_ON_HEAD, "name": factory_name(), "namespace": config.namespace()}
+    return ray.remote(OwnerFactory).options(**options).remote()
+
+
+def _create_owner(name: str) -> Any:
+    """Create an owner: through the keeper's factory where there is one (its Ray job keeps the
+    owner's workers warm, see :mod:`airflow_ray._worker.factory`), else in this driver's job."""
+    import ray
+
+    from airflow_ray._worker.owner import Owner
+
+    if parse_owner_name(name) is None:  # only names this module made (see owner_names)
+        raise ValueError(f"Not an airflow-ray owner name: {name!r}")
+    options = {**_DETACHED_ON_HEAD, "name": name, "namespace": config.namespace(), "max_concurrency": 1000}
+    args = (config.object_ttl_seconds(), config.max_objects())
+    try:
+        factory = ray.get_actor(factory_name(), namespace=config.namespace())
+    except ValueError:
+        return ray.remote(Owner).options(**options).remote(*args)
+    ray.get(factory.create.remote(Owner, options, args))
+    return ray.get_actor(name, namespace=config.namespace())
 
 
 def forget_owners() -> None:

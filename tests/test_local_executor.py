@@ -16,6 +16,7 @@ import pytest
 import ray
 
 from airflow_ray.references import REFERENCE_FORMAT_VERSION
+from tests.services import wait
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def xp1(airflow_services) -> str:
 
 def test_objects_outlive_their_producers(airflow_services, xp1):
     from airflow_ray.hooks import RayHook
-    from airflow_ray.owners import get_owner, owner_name
+    from airflow_ray.owners import get_owner
 
     result = airflow_services.xcom("cross_process", "xp1", "consume")
     assert result["sum"] == float(2 * np.arange(2_000_000, dtype=np.float64).sum())
@@ -40,7 +41,7 @@ def test_objects_outlive_their_producers(airflow_services, xp1):
     assert raw["__airflow_ray__"] == REFERENCE_FORMAT_VERSION and len(json.dumps(raw)) <= 1024
 
     RayHook().connect()
-    owner = get_owner(owner_name("cross_process", "xp1"))
+    owner = get_owner(raw["owner"])  # the services' deployment's, not this session's
     held = {e["object_id"] for e in ray.get(owner.entries.remote()) if e["key"][1] == "xp1"}
     assert raw["object_id"] in held, "the owner holds the run's objects after every producer exited"
 
@@ -68,7 +69,6 @@ def test_clear_rerun_and_delete_return_the_object_store_to_baseline(airflow_serv
     import sys
 
     from airflow_ray import cluster
-    from tests.services import wait
 
     def used() -> int:
         return cluster.status(ray_cluster)["object_store_used_bytes"]
@@ -106,3 +106,37 @@ def test_clear_rerun_and_delete_return_the_object_store_to_baseline(airflow_serv
         capture_output=True,
     )
     wait(lambda: used() <= baseline + run_bytes // 8, "the deleted run's objects to be freed", 30)
+
+
+def test_a_reference_edited_through_the_rest_api_is_refused(airflow_services, xp1):
+    """Someone with XCom write access edits a reference through the REST API (the API server
+    stores it as given): the Ray consumer that reads it fails, naming the mismatch, and
+    succeeds again once the row holds what the producer wrote. Last in this module: it
+    re-runs ``transform`` and ``consume`` of ``xp1``."""
+    original = airflow_services.xcom("cross_process", xp1, "produce", key="data")
+    entry = f"dags/cross_process/dagRuns/{xp1}/taskInstances/produce/xcomEntries/data"
+    clear = {
+        "dag_run_id": xp1,
+        "task_ids": ["transform"],
+        "include_downstream": True,
+        "only_failed": False,
+        "dry_run": False,
+    }
+    state = "select state from task_instance where dag_id='cross_process' and run_id=? and task_id=?"
+
+    def rerun_transform() -> str:
+        airflow_services.api("POST", "dags/cross_process/clearTaskInstances", clear)
+        finished = ("success", "upstream_failed")
+        wait(lambda: airflow_services.scalar(state, xp1, "consume") in finished, "the re-run", 300)
+        return airflow_services.scalar(state, xp1, "transform")
+
+    edited = {**original, "checkpoint_uri": "file:///etc/", "checkpoint_source": "aws_default"}
+    airflow_services.api("PATCH", entry, {"value": edited, "map_index": -1})
+    assert rerun_transform() == "failed"
+    logs = airflow_services.home / "logs" / "dag_id=cross_process" / f"run_id={xp1}" / "task_id=transform"
+    log_text = "".join(path.read_text() for path in logs.glob("attempt=*.log"))
+    assert "UntrustedReferenceError" in log_text
+    assert "task 'produce' of DAG 'cross_process', run 'xp1', key 'data' does not carry a valid" in log_text
+
+    airflow_services.api("PATCH", entry, {"value": original, "map_index": -1})
+    assert rerun_transform() == "success"
