@@ -40,6 +40,10 @@ class ObjectReference:
     ray_conn_id: str = "ray_default"
     checkpoint_uri: str | None = None
     checkpoint_source: str | None = None
+    #: The checkpoint as written (its manifest's ``format`` and ``checksum``): a restore refuses a
+    #: manifest that says otherwise, and unpickles only when this says ``"pickle"``.
+    checkpoint_format: str | None = None
+    checkpoint_digest: str | None = None
 
     @property
     def entry_key(self) -> OutputKey:

@@ -9,7 +9,7 @@ from typing import Any
 
 #: Callables a test harness lends to the tasks of a DAG it runs in-process (``dag.test``), e.g.
 #: ``tests/scripts/multinode.py`` lends ``lose_node`` to the ``node_loss`` DAG.
-HARNESS: dict[str, Callable[[], None]] = {}
+HARNESS: dict[str, Callable[..., None]] = {}
 
 
 @dataclass

@@ -147,6 +147,7 @@ PUBLIC_API = {
             "CheckpointLocation",
             "CheckpointError",
             "CheckpointCorruptError",
+            "CheckpointMismatchError",
             "CheckpointNotFoundError",
             "checkpoint_uri",
             "write_checkpoint",

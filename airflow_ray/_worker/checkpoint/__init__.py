@@ -13,7 +13,7 @@ not airflow-ray. One concept per module:
 * :mod:`.filesystem`: the fsspec operations used; :mod:`.errors`: what is raised.
 """
 
-from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
 from .io import (
     RunCheckpoints,
     delete_checkpoint,
@@ -34,6 +34,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointLocation",
+    "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "RunCheckpoints",
     "checkpoint_uri",

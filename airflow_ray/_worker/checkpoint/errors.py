@@ -25,3 +25,12 @@ class CheckpointCorruptError(CheckpointError, RuntimeError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No complete checkpoint (no manifest) at the location: never written, or interrupted."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint is not the one its reader expects: another format or another digest.
+
+    The reference in XCom records what the write produced; a manifest that disagrees was rewritten
+    after that write (by a later write outside Airflow, or by someone with write access to the
+    store), and its data is not read.
+    """
