@@ -29,6 +29,7 @@ from airflow_ray.checkpoint import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointLocation,
+    CheckpointMismatchError,
     CheckpointNotFoundError,
     checkpoint_uri,
     delete_checkpoint,
@@ -465,6 +466,62 @@ def test_newer_format_version_is_refused(location):
         read_checkpoint(location)
 
 
+class _Payload:
+    """Unpickling it creates ``marker``: what an attacker's pickle would do, harmlessly."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_manifest_rewritten_to_say_pickle_is_refused_and_never_unpickled(location, tmp_path):
+    written = write_checkpoint(pd.DataFrame({"a": range(10)}), location)
+    marker = tmp_path / "unpickled-here"
+    payload = pickle.dumps(_Payload(marker))
+    _data_file(location).unlink()
+    (_dir(location) / "data.pkl").write_bytes(payload)
+    digest = f"sha256:{hashlib.sha256(payload).hexdigest()}"  # anyone can compute it
+    _edit_manifest(location, format="pickle", data_file="data.pkl", bytes=len(payload), checksum=digest)
+
+    with pytest.raises(CheckpointMismatchError) as info:
+        read_checkpoint(location, expected_format="parquet", expected_digest=written["checksum"])
+    assert str(info.value).startswith(
+        f"Checkpoint {location.uri} is not the one that was written: its manifest says format "
+        "'pickle', expected 'parquet'"
+    )
+    assert info.value.path == location.uri
+    with pytest.raises(
+        CheckpointMismatchError, match="is a pickle checkpoint and its reader does not expect one"
+    ):
+        read_checkpoint(location)  # nothing expected: anything but pickle
+    assert not marker.exists()
+
+
+def test_manifest_with_another_digest_is_refused(location):
+    written = write_checkpoint(np.arange(100), location)
+    other = np.arange(100) * 2  # valid data, and a manifest checksum that matches it
+    np.save(_data_file(location), other)
+    data = _data_file(location).read_bytes()
+    _edit_manifest(location, bytes=len(data), checksum=f"xxh3_128:{xxhash.xxh3_128(data).hexdigest()}")
+    np.testing.assert_array_equal(read_checkpoint(location), other)  # the checksum alone cannot tell
+    with pytest.raises(CheckpointMismatchError) as info:
+        read_checkpoint(location, expected_format="npy", expected_digest=written["checksum"])
+    found = read_manifest(location)["checksum"]
+    assert f"its manifest says digest {found!r}, expected {written['checksum']!r}" in str(info.value)
+    assert location.uri in str(info.value)
+
+
+def test_pickle_forbidden_refuses_before_writing(location):
+    with pytest.raises(CheckpointError, match=r"checkpoint_allow_pickle = False") as info:
+        write_checkpoint({"a": 1}, location, allow_pickle=False)
+    assert "Cannot checkpoint a builtins.dict" in str(info.value) and location.uri in str(info.value)
+    assert "pandas DataFrame" in str(info.value) and "numpy array" in str(info.value)
+    assert not _dir(location).exists() or list(_dir(location).iterdir()) == []
+    assert write_checkpoint(np.arange(3), location, allow_pickle=False)["format"] == "npy"
+
+
 @pytest.mark.parametrize("cls", [CheckpointCorruptError, CheckpointNotFoundError, CheckpointError])
 def test_errors_survive_pickling_as_from_a_ray_worker(cls):
     error = pickle.loads(pickle.dumps(cls("bad data at s3://b/k", "s3://b/k")))
@@ -531,6 +588,11 @@ def test_checkpoint_uri_layout_is_safe_and_readable():
     )
     traversal = checkpoint_uri("file:///base", dag_id="d", run_id="..", task_id="t")
     assert "/../" not in traversal and traversal.startswith("file:///base/d/")
+    # Every component goes through the one sanitiser: no '/' in it, none starts with '.'.
+    hostile = checkpoint_uri("file:///base", dag_id="../../x", run_id="../..", task_id="../x", map_index=2)
+    components = hostile.removeprefix("file:///base/").removesuffix("/").split("/")
+    assert len(components) == 4 and components[3] == "2", hostile
+    assert all(c and not c.startswith(".") for c in components), hostile
     assert checkpoint_uri("/tmp/base", dag_id="d", run_id="r", task_id="t").startswith("file:///tmp/base/")
 
 

@@ -220,6 +220,7 @@ def test_config_defaults_are_declared_once(configure):
             "infeasible_task_timeout": 60.0,
             "checkpoint_path": None,
             "checkpoint_conn_id": None,
+            "checkpoint_allow_pickle": True,
             "checkpoint_retention_seconds": 604800,
             "preload_in_scheduler": True,
             "local_cluster_dir": Path("~/.airflow_ray").expanduser(),
