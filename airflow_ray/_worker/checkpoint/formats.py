@@ -42,8 +42,9 @@ _FRAME_SAMPLE_ROWS = 64
 
 #: The format whose reader unpickles: code runs, so it is read only when expected.
 PICKLE = "pickle"
-#: Checksum of pickle data files: cryptographic, because these bytes become code when read. It
-#: costs little here: cloudpickle's own pace, not sha256's (~1.7 GB/s), bounds a pickle write.
+#: Checksum of pickle data files: cryptographic, because these bytes become code when read. The
+#: price, measured on a dict holding a 200 MB array written to a local file: 0.28 s -> 0.45 s;
+#: only values no other format holds pay it.
 PICKLE_CHECKSUM_ALGORITHM = "sha256"
 
 
