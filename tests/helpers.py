@@ -51,6 +51,16 @@ class RunResult:
         return XCom.deserialize_value(XComResult(key=key, value=raw))
 
 
+class MarkerPayload:
+    """Unpickling it creates the file ``marker``: what an attacker's pickle would do, harmlessly."""
+
+    def __init__(self, marker: Any) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.marker, "w"))
+
+
 def kill_cluster(temp_dir: str, address: str) -> None:
     """SIGKILL one local Ray cluster: every process that names its temp dir or its GCS address,
     and their children (how ``airflow_ray.cluster.stop()`` finds them), as a crash would.

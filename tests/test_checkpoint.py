@@ -39,6 +39,7 @@ from airflow_ray.checkpoint import (
     resolve_checkpoint_location,
     write_checkpoint,
 )
+from tests import helpers
 from tests.s3_server import aws_connection, s3_server  # noqa: F401
 
 SECRET = "testing-secret-key-do-not-log"
@@ -466,20 +467,10 @@ def test_newer_format_version_is_refused(location):
         read_checkpoint(location)
 
 
-class _Payload:
-    """Unpickling it creates ``marker``: what an attacker's pickle would do, harmlessly."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_manifest_rewritten_to_say_pickle_is_refused_and_never_unpickled(location, tmp_path):
     written = write_checkpoint(pd.DataFrame({"a": range(10)}), location)
     marker = tmp_path / "unpickled-here"
-    payload = pickle.dumps(_Payload(marker))
+    payload = pickle.dumps(helpers.MarkerPayload(marker))
     _data_file(location).unlink()
     (_dir(location) / "data.pkl").write_bytes(payload)
     digest = f"sha256:{hashlib.sha256(payload).hexdigest()}"  # anyone can compute it

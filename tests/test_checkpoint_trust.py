@@ -29,16 +29,6 @@ from tests.s3_server import aws_connection, s3_server  # noqa: F401
 SANITISED_KEY = "_.._x-9cdf6a50"  # path_component("../../x")
 
 
-class _Payload:
-    """Unpickling it creates ``marker``: what an attacker's pickle would do, harmlessly."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def _kill_owner(dag_id: str, run_id: str) -> None:
     ray.kill(get_owner(owner_name(dag_id, run_id)), no_restart=True)
     forget_owners()
@@ -73,7 +63,7 @@ def test_rewritten_manifests_are_refused_and_a_pickle_payload_never_runs(run_dag
     manifest that says pickle with a payload whose checksum is right; ``array`` (``.npy``) other
     valid data with a matching manifest checksum. Both consumers of each refuse them."""
     base, marker = tmp_path / "base", tmp_path / "unpickled-here"
-    payload = pickle.dumps(_Payload(marker))
+    payload = pickle.dumps(helpers.MarkerPayload(marker))
 
     def rewrite_the_bucket(run_id: str) -> None:
         (frame_dir,) = base.glob("checkpoint_trust/*/produce/-1/frame")
