@@ -108,6 +108,15 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "example": "aws_default",
         "default": "",
     },
+    "checkpoint_allow_pickle": {
+        "description": "Write and read cloudpickle checkpoints (values that are no Parquet-safe pandas "
+        "DataFrame, pyarrow Table or numpy array). Even when allowed, a checkpoint is unpickled only "
+        "when its XCom reference recorded a pickle write. False refuses both: a task whose checkpointed "
+        "output needs pickle fails, and so does a restore of a pickle checkpoint.",
+        "type": "boolean",
+        "example": "False",
+        "default": "True",
+    },
     "checkpoint_retention_seconds": {
         "description": "Checkpoints of a DAG run are deleted this long after they were written "
         "(by ``airflow-ray gc``). Keep it longer than ``object_ttl_seconds``.",
@@ -259,6 +268,11 @@ def checkpoint_path() -> str | None:
 @_accessor
 def checkpoint_conn_id() -> str | None:
     return _get("checkpoint_conn_id") or None
+
+
+@_accessor
+def checkpoint_allow_pickle() -> bool:
+    return _get_flag("checkpoint_allow_pickle")
 
 
 @_accessor

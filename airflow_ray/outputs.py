@@ -26,11 +26,13 @@ The path of a ``@ray_task``'s return value: ``runner.execute`` (Ray worker) yiel
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 from airflow_ray import config, deployment
+from airflow_ray._worker.checkpoint.formats import PICKLE
 from airflow_ray._worker.keys import TaskKey
 from airflow_ray._worker.runner import as_dataset, is_dataset, is_plain, summarize
 from airflow_ray.exceptions import RayObjectLostError
@@ -189,7 +191,9 @@ def persist(
     produced it (``node_id``), so the data goes from the object store to storage without passing
     through this process. One directory per task instance (``<base>/<dag>/<run>/<task>/<map_index>/``,
     one subdirectory per key of ``multiple_outputs``) with stable names: a retry overwrites, never
-    piles up. Returns the references with their ``checkpoint_uri``.
+    piles up. Returns the references with their ``checkpoint_uri`` and the checkpoint's format
+    and digest (its manifest's checksum), which a restore holds the manifest to (:func:`recover`).
+    ``[ray] checkpoint_allow_pickle = False`` makes an output that only pickle can hold fail here.
     """
     import ray
 
@@ -212,9 +216,12 @@ def persist(
         for key in references
     }
     write: Any = ray.remote(checkpoint.write_checkpoint).options(num_cpus=0, **_near(node_id))
+    allow_pickle = config.checkpoint_allow_pickle()
     manifests = ray.get(
         [
-            write.remote(refs[key], locations[key], blocks=bool(ref.summary.get("dataset")))
+            write.remote(
+                refs[key], locations[key], blocks=bool(ref.summary.get("dataset")), allow_pickle=allow_pickle
+            )
             for key, ref in references.items()
         ]
     )
@@ -227,8 +234,14 @@ def persist(
             manifest["checksum"],
         )
     return {
-        key: dataclasses.replace(ref, checkpoint_uri=locations[key].uri, checkpoint_source=settings.source)
-        for key, ref in references.items()
+        key: dataclasses.replace(
+            ref,
+            checkpoint_uri=locations[key].uri,
+            checkpoint_source=settings.source,
+            checkpoint_format=manifest["format"],
+            checkpoint_digest=manifest["checksum"],
+        )
+        for (key, ref), manifest in zip(references.items(), manifests, strict=True)
     }
 
 
@@ -317,8 +330,11 @@ def resolve(references: list[ObjectReference]) -> list[Any]:
 def recover(reference: ObjectReference, why: str) -> Any:
     """The one decision on a lost output: restore it from its checkpoint, or a clear error.
 
-    The owner re-registers the restored object, so later readers get it from memory again.
-    Returns the restored object's ObjectRef.
+    The checkpoint is read as the reference recorded it (format and digest): a manifest that was
+    rewritten since is refused on the worker before its data is read, and pickle is unpickled only
+    when the reference says pickle and ``[ray] checkpoint_allow_pickle`` allows it. The owner
+    re-registers the restored object, so later readers get it from memory again. Returns the
+    restored object's ObjectRef.
     """
     import ray
 
@@ -326,14 +342,26 @@ def recover(reference: ObjectReference, why: str) -> Any:
 
     if not reference.checkpoint_uri:
         raise lost_error(reference, why)
+    if reference.checkpoint_format == PICKLE and not config.checkpoint_allow_pickle():
+        raise RayObjectLostError(
+            f"The output of {reference.describe()} was lost ({why}) and its checkpoint "
+            f"{reference.checkpoint_uri} is a pickle, which this deployment does not read "
+            "([ray] checkpoint_allow_pickle = False; env AIRFLOW__RAY__CHECKPOINT_ALLOW_PICKLE). "
+            f"Clear and re-run '{reference.task_id}' to recompute it, or allow pickle checkpoints."
+        )
     options = checkpoint.storage_options_for(reference.checkpoint_uri, reference.checkpoint_source)
+    read = functools.partial(
+        checkpoint.read_checkpoint,
+        expected_format=reference.checkpoint_format,
+        expected_digest=reference.checkpoint_digest,
+    )
     # The owner the restored object goes to is derived from the (verified) run, in this code
     # version: never an actor created from a name read from an XCom row.
     owner = get_owner(owner_name(reference.dag_id, reference.run_id), create=True)
     result = ray.get(
         owner.restore.remote(
             reference.entry_key,
-            checkpoint.read_checkpoint,
+            read,
             reference.checkpoint_uri,
             options,
             reference.summary,

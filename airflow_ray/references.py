@@ -52,6 +52,10 @@ class ObjectReference:
     ray_conn_id: str = "ray_default"
     checkpoint_uri: str | None = None
     checkpoint_source: str | None = None
+    #: The checkpoint as written (its manifest's ``format`` and ``checksum``): a restore refuses a
+    #: manifest that says otherwise, and unpickles only when this says ``"pickle"``.
+    checkpoint_format: str | None = None
+    checkpoint_digest: str | None = None
     deployment: str = ""
     signature: str = ""
 
@@ -140,6 +144,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "ray_conn_id": (str,),
     "checkpoint_uri": (str, type(None)),
     "checkpoint_source": (str, type(None)),
+    "checkpoint_format": (str, type(None)),
+    "checkpoint_digest": (str, type(None)),
     "deployment": (str,),
     "signature": (str,),
 }

@@ -9,7 +9,7 @@ from typing import Any
 
 #: Callables a test harness lends to the tasks of a DAG it runs in-process (``dag.test``), e.g.
 #: ``tests/scripts/multinode.py`` lends ``lose_node`` to the ``node_loss`` DAG.
-HARNESS: dict[str, Callable[[], None]] = {}
+HARNESS: dict[str, Callable[..., None]] = {}
 
 
 @dataclass
@@ -49,6 +49,16 @@ class RunResult:
 
         raw = self.xcom_raw(task_id, key, map_index)
         return XCom.deserialize_value(XComResult(key=key, value=raw))
+
+
+class MarkerPayload:
+    """Unpickling it creates the file ``marker``: what an attacker's pickle would do, harmlessly."""
+
+    def __init__(self, marker: Any) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.marker, "w"))
 
 
 def kill_cluster(temp_dir: str, address: str) -> None:

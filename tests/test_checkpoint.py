@@ -29,6 +29,7 @@ from airflow_ray.checkpoint import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointLocation,
+    CheckpointMismatchError,
     CheckpointNotFoundError,
     checkpoint_uri,
     delete_checkpoint,
@@ -38,6 +39,7 @@ from airflow_ray.checkpoint import (
     resolve_checkpoint_location,
     write_checkpoint,
 )
+from tests import helpers
 from tests.s3_server import aws_connection, s3_server  # noqa: F401
 
 SECRET = "testing-secret-key-do-not-log"
@@ -180,7 +182,7 @@ def test_dataframe_variants_round_trip_as_parquet(location, df):
 )
 def test_dataframe_parquet_would_change_falls_back_to_pickle(location, df):
     assert write_checkpoint(df, location)["format"] == "pickle"
-    back = read_checkpoint(location)
+    back = read_checkpoint(location, expected_format="pickle")
     pd.testing.assert_frame_equal(back, df, check_exact=True)
     for column in range(df.shape[1]):
         assert [type(v) for v in back.iloc[:, column]] == [type(v) for v in df.iloc[:, column]]
@@ -190,7 +192,7 @@ def test_dataframe_attrs_fall_back_to_pickle(location):
     df = pd.DataFrame({"a": [1, 2]})
     df.attrs["source"] = "sensor-7"
     assert write_checkpoint(df, location)["format"] == "pickle"
-    assert read_checkpoint(location).attrs == {"source": "sensor-7"}
+    assert read_checkpoint(location, expected_format="pickle").attrs == {"source": "sensor-7"}
 
 
 def test_arrow_table_round_trips_as_arrow_ipc(location, small_blocks):
@@ -261,7 +263,7 @@ def test_read_only_array_as_returned_by_ray_get(location):
 def test_object_array_uses_pickle(location):
     array = np.array([{"a": 1}, None, "x"], dtype=object)
     assert write_checkpoint(array, location)["format"] == "pickle"
-    back = read_checkpoint(location)
+    back = read_checkpoint(location, expected_format="pickle")
     assert back.dtype == object and list(back) == list(array)
 
 
@@ -269,7 +271,7 @@ def test_arbitrary_object_round_trips_with_cloudpickle(location, small_blocks):
     model = LinearModel(np.linspace(0, 1, 5000), intercept=0.5)
     value = {"model": model, "metrics": [0.91, 0.88], "name": "run-1"}
     manifest = write_checkpoint(value, location)
-    back = read_checkpoint(location)
+    back = read_checkpoint(location, expected_format="pickle")
     assert manifest["format"] == "pickle" and manifest["data_file"] == "data.pkl"
     assert manifest["python_type"] == "builtins.dict" and manifest["rows"] == 3
     assert manifest["options"]["pickler"] in {"ray.cloudpickle", "cloudpickle"}
@@ -300,7 +302,10 @@ def test_manifest_describes_the_data_file(location, small_blocks, value):
     assert manifest == read_manifest(location)
     assert manifest["format_version"] == MANIFEST_FORMAT_VERSION
     assert manifest["bytes"] == len(data)
-    assert manifest["checksum"] == f"xxh3_128:{xxhash.xxh3_128(data).hexdigest()}"
+    if manifest["format"] == "pickle":  # bytes that become code: a cryptographic digest
+        assert manifest["checksum"] == f"sha256:{hashlib.sha256(data).hexdigest()}"
+    else:
+        assert manifest["checksum"] == f"xxh3_128:{xxhash.xxh3_128(data).hexdigest()}"
     assert manifest["python_type"] == f"{type(value).__module__}.{type(value).__qualname__}"
     assert set(manifest["producer"]) >= {"python", "pyarrow", "numpy", "pandas", "airflow_ray"}
     assert manifest["producer"]["airflow_ray"] == __import__("airflow_ray.version").version.__version__
@@ -336,7 +341,7 @@ def test_interrupted_write_leaves_no_manifest_then_retry_succeeds(location):
         read_checkpoint(location)
     assert list(_dir(location).iterdir()) == []  # the partial data file was removed
     write_checkpoint({"new": True}, location)
-    assert read_checkpoint(location) == {"new": True}
+    assert read_checkpoint(location, expected_format="pickle") == {"new": True}
     assert sorted(p.name for p in _dir(location).iterdir()) == ["data.pkl", "manifest.json"]
 
 
@@ -354,24 +359,24 @@ VALUES = [
 
 @pytest.mark.parametrize("value", VALUES)
 def test_truncated_data_file_is_corrupt_and_named(location, value):
-    write_checkpoint(value, location)
+    written = write_checkpoint(value, location)["format"]
     data_file = _data_file(location)
     data_file.write_bytes(data_file.read_bytes()[:-100])
     with pytest.raises(CheckpointCorruptError, match="truncated") as info:
-        read_checkpoint(location)
+        read_checkpoint(location, expected_format=written)
     assert str(data_file) in str(info.value)
     assert info.value.path.endswith(str(data_file))
 
 
 @pytest.mark.parametrize("value", VALUES)
 def test_flipped_byte_fails_checksum(location, small_blocks, value):
-    write_checkpoint(value, location)
+    written = write_checkpoint(value, location)["format"]
     data_file = _data_file(location)
     data = bytearray(data_file.read_bytes())
     data[len(data) * 2 // 3] ^= 0x01
     data_file.write_bytes(bytes(data))
     with pytest.raises(CheckpointCorruptError, match="checksum") as info:
-        read_checkpoint(location)
+        read_checkpoint(location, expected_format=written)
     assert str(data_file) in str(info.value)
 
 
@@ -425,12 +430,12 @@ def test_manifest_cannot_point_outside_the_checkpoint(location):
 
 @pytest.mark.parametrize("value", VALUES)
 def test_format_version_1_checkpoints_read_and_verify_with_sha256(location, small_blocks, value):
-    write_checkpoint(value, location)
+    written = write_checkpoint(value, location)["format"]
     # what airflow-ray wrote before checksums moved to XXH3: ``sha256`` instead of ``checksum``
     sha256 = hashlib.sha256(_data_file(location).read_bytes()).hexdigest()
     _edit_manifest(location, drop=("checksum",), format_version=1, sha256=sha256)
     assert read_manifest(location)["format_version"] == 1
-    back = read_checkpoint(location)
+    back = read_checkpoint(location, expected_format=written)
     if isinstance(value, pd.DataFrame):
         pd.testing.assert_frame_equal(back, value, check_exact=True)
     elif isinstance(value, pa.Table):
@@ -445,7 +450,7 @@ def test_format_version_1_checkpoints_read_and_verify_with_sha256(location, smal
     data[len(data) // 2] ^= 0x01
     data_file.write_bytes(bytes(data))
     with pytest.raises(CheckpointCorruptError, match="fails its checksum: sha256:"):
-        read_checkpoint(location)
+        read_checkpoint(location, expected_format=written)
 
 
 def test_unknown_checksum_algorithm_is_refused(location):
@@ -460,6 +465,52 @@ def test_newer_format_version_is_refused(location):
     _edit_manifest(location, format_version=MANIFEST_FORMAT_VERSION + 1)
     with pytest.raises(CheckpointError, match="upgrade airflow-ray"):
         read_checkpoint(location)
+
+
+def test_manifest_rewritten_to_say_pickle_is_refused_and_never_unpickled(location, tmp_path):
+    written = write_checkpoint(pd.DataFrame({"a": range(10)}), location)
+    marker = tmp_path / "unpickled-here"
+    payload = pickle.dumps(helpers.MarkerPayload(marker))
+    _data_file(location).unlink()
+    (_dir(location) / "data.pkl").write_bytes(payload)
+    digest = f"sha256:{hashlib.sha256(payload).hexdigest()}"  # anyone can compute it
+    _edit_manifest(location, format="pickle", data_file="data.pkl", bytes=len(payload), checksum=digest)
+
+    with pytest.raises(CheckpointMismatchError) as info:
+        read_checkpoint(location, expected_format="parquet", expected_digest=written["checksum"])
+    assert str(info.value).startswith(
+        f"Checkpoint {location.uri} is not the one that was written: its manifest says format "
+        "'pickle', expected 'parquet'"
+    )
+    assert info.value.path == location.uri
+    with pytest.raises(
+        CheckpointMismatchError, match="is a pickle checkpoint and its reader does not expect one"
+    ):
+        read_checkpoint(location)  # nothing expected: anything but pickle
+    assert not marker.exists()
+
+
+def test_manifest_with_another_digest_is_refused(location):
+    written = write_checkpoint(np.arange(100), location)
+    other = np.arange(100) * 2  # valid data, and a manifest checksum that matches it
+    np.save(_data_file(location), other)
+    data = _data_file(location).read_bytes()
+    _edit_manifest(location, bytes=len(data), checksum=f"xxh3_128:{xxhash.xxh3_128(data).hexdigest()}")
+    np.testing.assert_array_equal(read_checkpoint(location), other)  # the checksum alone cannot tell
+    with pytest.raises(CheckpointMismatchError) as info:
+        read_checkpoint(location, expected_format="npy", expected_digest=written["checksum"])
+    found = read_manifest(location)["checksum"]
+    assert f"its manifest says digest {found!r}, expected {written['checksum']!r}" in str(info.value)
+    assert location.uri in str(info.value)
+
+
+def test_pickle_forbidden_refuses_before_writing(location):
+    with pytest.raises(CheckpointError, match=r"checkpoint_allow_pickle = False") as info:
+        write_checkpoint({"a": 1}, location, allow_pickle=False)
+    assert "Cannot checkpoint a builtins.dict" in str(info.value) and location.uri in str(info.value)
+    assert "pandas DataFrame" in str(info.value) and "numpy array" in str(info.value)
+    assert not _dir(location).exists() or list(_dir(location).iterdir()) == []
+    assert write_checkpoint(np.arange(3), location, allow_pickle=False)["format"] == "npy"
 
 
 @pytest.mark.parametrize("cls", [CheckpointCorruptError, CheckpointNotFoundError, CheckpointError])
@@ -486,11 +537,11 @@ def test_delete_checkpoint_and_run(tmp_path):
     delete_checkpoint(locs["run-1", "a"].uri)  # already gone: fine
     with pytest.raises(CheckpointNotFoundError):
         read_checkpoint(locs["run-1", "a"])
-    assert read_checkpoint(locs["run-1", "b"]) == [1, 2, 3]
+    assert read_checkpoint(locs["run-1", "b"], expected_format="pickle") == [1, 2, 3]
     delete_run_checkpoints(base, "d", "run-1")
     delete_run_checkpoints(base, "d", "run-1")
     assert not (tmp_path / "d" / "run-1").exists()
-    assert read_checkpoint(locs["run-2", "a"]) == [1, 2, 3]
+    assert read_checkpoint(locs["run-2", "a"], expected_format="pickle") == [1, 2, 3]
 
 
 def test_list_run_checkpoints_finds_each_run_with_its_newest_write(tmp_path):
@@ -528,6 +579,11 @@ def test_checkpoint_uri_layout_is_safe_and_readable():
     )
     traversal = checkpoint_uri("file:///base", dag_id="d", run_id="..", task_id="t")
     assert "/../" not in traversal and traversal.startswith("file:///base/d/")
+    # Every component goes through the one sanitiser: no '/' in it, none starts with '.'.
+    hostile = checkpoint_uri("file:///base", dag_id="../../x", run_id="../..", task_id="../x", map_index=2)
+    components = hostile.removeprefix("file:///base/").removesuffix("/").split("/")
+    assert len(components) == 4 and components[3] == "2", hostile
+    assert all(c and not c.startswith(".") for c in components), hostile
     assert checkpoint_uri("/tmp/base", dag_id="d", run_id="r", task_id="t").startswith("file:///tmp/base/")
 
 
@@ -608,8 +664,8 @@ assert not loaded & heavy, loaded & heavy
 import numpy as np, pandas as pd
 loc = checkpoint.CheckpointLocation({tmp_path.as_uri()!r} + "/d/r/t/-1/")
 for value in (pd.DataFrame({{"a": [1, 2]}}), np.arange(5), {{"k": "v"}}):
-    checkpoint.write_checkpoint(value, loc)
-    checkpoint.read_checkpoint(loc)
+    written = checkpoint.write_checkpoint(value, loc)
+    checkpoint.read_checkpoint(loc, expected_format=written["format"], expected_digest=written["checksum"])
 assert not any(m == "airflow" or m.startswith("airflow.") for m in sys.modules), "airflow imported"
 print("ok")
 """

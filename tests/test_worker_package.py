@@ -139,7 +139,7 @@ read = shipped["airflow_ray._worker.checkpoint.io.read_checkpoint"]
 for value in (pd.DataFrame({"a": [1, 2]}), pa.table({"a": [1]}), np.arange(5), {"k": "v"}):
     manifest = write(value, location)
     assert manifest["producer"]["airflow_ray"] == "shipped", manifest
-    back = read(location)
+    back = read(location, expected_format=manifest["format"], expected_digest=manifest["checksum"])
     assert type(back) is type(value) and repr(back) == repr(value), (back, value)
 print(len(shipped), "ok")
 """

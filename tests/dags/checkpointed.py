@@ -92,3 +92,89 @@ def checkpoint_keys():
 checkpointed_dag = checkpointed()
 checkpoint_keys_dag = checkpoint_keys()
 checkpointed_s3_dag = checkpointed_s3()
+
+
+@dag(
+    dag_id="checkpoint_trust",
+    schedule=None,
+    default_args={"checkpoint": True, "checkpoint_path": "{{ dag_run.conf['base'] }}"},
+)
+def checkpoint_trust():
+    """Checkpoints rewritten on the store between their write and their restore (see the test)."""
+
+    @ray_task(num_cpus=0.5, multiple_outputs=True)
+    def produce() -> dict:
+        return make_outputs()
+
+    @task
+    def rewrite_the_bucket(run_id=None) -> None:
+        from tests import helpers
+
+        helpers.HARNESS["rewrite_the_bucket"](run_id)  # set by the test, which owns tmp_path
+
+    @task
+    def consume_frame(frame: pd.DataFrame) -> int:
+        return len(frame)
+
+    @ray_task(num_cpus=0.5)
+    def consume_frame_on_ray(frame: pd.DataFrame) -> int:
+        return len(frame)
+
+    @task
+    def consume_array(array: np.ndarray) -> float:
+        return float(array.sum())
+
+    out = produce()
+    rewritten = rewrite_the_bucket()
+    out >> rewritten
+    rewritten >> [
+        consume_frame(out["frame"]),
+        consume_frame_on_ray(out["frame"]),
+        consume_array(out["array"]),
+    ]
+
+
+@dag(
+    dag_id="checkpoint_pickle",
+    schedule=None,
+    default_args={"checkpoint": True, "checkpoint_path": "{{ dag_run.conf['base'] }}"},
+)
+def checkpoint_pickle():
+    @ray_task(num_cpus=0.5)
+    def produce() -> object:  # only pickle holds it; too large to stay in the XCom table (not `-> dict`:
+        # that would make it multiple_outputs)
+        return {"weights": list(range(2000)), "name": "model"}
+
+    produce()
+
+
+def _traversal_keys() -> None:
+    @ray_task(num_cpus=0.5, multiple_outputs=True)
+    def produce() -> dict:
+        return {"../../x": np.arange(1_000), "kept": np.arange(2_000)}
+
+    produce()
+
+
+@dag(
+    dag_id="checkpoint_traversal",
+    schedule=None,
+    default_args={"checkpoint": True, "checkpoint_path": "{{ dag_run.conf['base'] }}"},
+)
+def checkpoint_traversal():
+    _traversal_keys()
+
+
+@dag(
+    dag_id="checkpoint_traversal_s3",
+    schedule=None,
+    default_args={"checkpoint": True, "checkpoint_source": "checkpoint_s3"},
+)
+def checkpoint_traversal_s3():
+    _traversal_keys()
+
+
+checkpoint_trust_dag = checkpoint_trust()
+checkpoint_pickle_dag = checkpoint_pickle()
+checkpoint_traversal_dag = checkpoint_traversal()
+checkpoint_traversal_s3_dag = checkpoint_traversal_s3()

@@ -13,7 +13,13 @@ not airflow-ray. One concept per module:
 * :mod:`.filesystem`: the fsspec operations used; :mod:`.errors`: what is raised.
 """
 
-from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, CheckpointTimeoutError
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointTimeoutError,
+)
 from .io import (
     RunCheckpoints,
     delete_checkpoint,
@@ -34,6 +40,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointLocation",
+    "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "CheckpointTimeoutError",
     "RunCheckpoints",

@@ -71,3 +71,12 @@ def translate_timeouts(operation: str, location_parameter: str) -> Callable[[F],
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint is not the one its reader expects: another format or another digest.
+
+    The reference in XCom records what the write produced; a manifest that disagrees was rewritten
+    after that write (by a later write outside Airflow, or by someone with write access to the
+    store), and its data is not read.
+    """

@@ -15,11 +15,12 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from . import streams
-from .errors import CheckpointCorruptError, translate_timeouts
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError, translate_timeouts
 from .filesystem import display, is_local, open_fs, remove_quietly, remove_tree, subdirectories
-from .formats import READERS, plan
-from .manifest import DATA_FILES, MANIFEST_NAME, load_manifest, new_manifest, save_manifest
+from .formats import PICKLE, READERS, plan
+from .manifest import DATA_FILES, MANIFEST_NAME, load_manifest, new_manifest, save_manifest, type_name
 from .paths import CheckpointLocation, normalize_base, run_uri
+from .streams import expected_checksum
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -28,11 +29,16 @@ if TYPE_CHECKING:
 
 
 @translate_timeouts("Writing the checkpoint", "location")
-def write_checkpoint(value: Any, location: CheckpointLocation, *, blocks: bool = False) -> dict[str, Any]:
+def write_checkpoint(
+    value: Any, location: CheckpointLocation, *, blocks: bool = False, allow_pickle: bool = True
+) -> dict[str, Any]:
     """Write ``value`` as a checkpoint at ``location`` and return its manifest.
 
     With ``blocks``, ``value`` is a Ray Data dataset as the owner holds it (a list of ObjectRefs
-    to Arrow tables): it is written as one table, and restored as a one-block dataset.
+    to Arrow tables): it is written as one table, and restored as a one-block dataset. Without
+    ``allow_pickle`` a value that only pickle can hold is refused before anything is written.
+    The manifest's ``format`` and ``checksum`` are what a reader passes back to
+    :func:`read_checkpoint` as ``expected_format`` / ``expected_digest``.
 
     The data streams to the store in large blocks and is checksummed on the way, so a 1 GB output
     is never copied whole in memory nor read back. Order makes it safe to retry: the old manifest
@@ -49,6 +55,8 @@ def write_checkpoint(value: Any, location: CheckpointLocation, *, blocks: bool =
         value = pa.concat_tables(ray.get(list(value)))
     fs, dir_path = open_fs(location.uri, location.storage_options)
     value_plan = plan(value)
+    if value_plan.format == PICKLE and not allow_pickle:
+        raise CheckpointError(_PICKLE_FORBIDDEN.format(type=type_name(value), uri=location.uri), location.uri)
     data_name = DATA_FILES[value_plan.format]
     data_path = f"{dir_path}/{data_name}"
 
@@ -56,7 +64,7 @@ def write_checkpoint(value: Any, location: CheckpointLocation, *, blocks: bool =
         fs.makedirs(dir_path, exist_ok=True)
     remove_quietly(fs, f"{dir_path}/{MANIFEST_NAME}")
 
-    checksum = streams.Checksum(streams.CHECKSUM_ALGORITHM)
+    checksum = streams.Checksum(value_plan.checksum)
     try:
         with fs.open(data_path, "wb", block_size=streams.BLOCK_SIZE) as raw:
             value_plan.write(streams.ChecksummingWriter(raw, checksum))
@@ -89,9 +97,19 @@ def read_manifest(
 
 @translate_timeouts("Reading the checkpoint", "location_or_uri")
 def read_checkpoint(
-    location_or_uri: CheckpointLocation | str, storage_options: dict[str, Any] | None = None
+    location_or_uri: CheckpointLocation | str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    expected_format: str | None = None,
+    expected_digest: str | None = None,
 ) -> Any:
     """Read a checkpoint back into the value that was written.
+
+    The manifest is a file anyone who can write the store can rewrite, so it does not choose the
+    reader on its own: given ``expected_format`` / ``expected_digest`` (the manifest's ``format``
+    and ``checksum`` as :func:`write_checkpoint` returned them, kept by the caller), a manifest
+    that disagrees is refused before any data is read. A pickle checkpoint is read only when
+    ``expected_format`` is ``"pickle"``: unpickling runs code chosen by whoever wrote the file.
 
     Every byte is checked against the manifest's size and checksum before anything is returned.
     The data file is read once, in large blocks, into the buffer the value will live in: Parquet,
@@ -100,11 +118,14 @@ def read_checkpoint(
     :class:`CheckpointLocation`.
 
     :raises CheckpointNotFoundError: no manifest at the location.
+    :raises CheckpointMismatchError: the manifest disagrees with the expected format or digest,
+        or says pickle when pickle is not expected; names the checkpoint and both values.
     :raises CheckpointCorruptError: truncated, altered or unparsable data; names the file.
     """
     uri, options = _uri_and_options(location_or_uri, storage_options)
     fs, dir_path = open_fs(uri, options)
     manifest = load_manifest(fs, dir_path)
+    _check_expected(display(fs, dir_path) + "/", manifest, expected_format, expected_digest)
     data_path = f"{dir_path}/{manifest['data_file']}"
     reader = READERS.get(manifest["format"])
     if reader is None:
@@ -178,6 +199,41 @@ def list_run_checkpoints(
             ]
             dag, run = dag_path.rsplit("/", 1)[-1], run_path.rsplit("/", 1)[-1]
             yield RunCheckpoints(f"{base}/{dag}/{run}/", dag, run, max(written, default=None))
+
+
+_PICKLE_FORBIDDEN = (
+    "Cannot checkpoint a {type} to {uri}: only pickle can hold it, and pickle checkpoints are "
+    "forbidden here ([ray] checkpoint_allow_pickle = False; env AIRFLOW__RAY__CHECKPOINT_ALLOW_PICKLE). "
+    "Without pickle a checkpoint holds a pandas DataFrame that Parquet round-trips exactly (Parquet), "
+    "a pyarrow Table (Arrow IPC) or a numpy array without Python objects (.npy): return one of "
+    "those, turn checkpoint off for this task, or allow pickle checkpoints."
+)
+
+
+def _check_expected(
+    uri: str, manifest: dict[str, Any], expected_format: str | None, expected_digest: str | None
+) -> None:
+    """Refuse a manifest that is not the one the caller expects (see :func:`read_checkpoint`)."""
+    found_format, found_digest = manifest["format"], expected_checksum(manifest)
+    if expected_format is None and found_format == PICKLE:
+        raise CheckpointMismatchError(
+            f"Checkpoint {uri} is a pickle checkpoint and its reader does not expect one: unpickling "
+            "runs code chosen by whoever wrote the file, so its data is not read. Pass "
+            f"expected_format={PICKLE!r} only for a checkpoint whose writer you trust.",
+            uri,
+        )
+    if expected_format is not None and found_format != expected_format:
+        problem = f"format {found_format!r}, expected {expected_format!r}"
+    elif expected_digest is not None and found_digest != expected_digest:
+        problem = f"digest {found_digest!r}, expected {expected_digest!r}"
+    else:
+        return
+    raise CheckpointMismatchError(
+        f"Checkpoint {uri} is not the one that was written: its manifest says {problem}. It was "
+        "rewritten after the write its reader recorded, so its data is not read: re-run the task "
+        "that wrote it, and check who else can write to this location.",
+        uri,
+    )
 
 
 def _uri_and_options(

@@ -44,12 +44,11 @@ def new_manifest(value: Any, plan: Plan, checksum: Checksum, producer: Mapping[s
 
     ``producer`` (from the location) joins the versions of the libraries found here.
     """
-    cls = type(value)
     return {
         "format_version": MANIFEST_FORMAT_VERSION,
         "format": plan.format,
         "data_file": DATA_FILES[plan.format],
-        "python_type": f"{cls.__module__}.{cls.__qualname__}",
+        "python_type": type_name(value),
         "bytes": checksum.nbytes,
         "checksum": checksum.value(),
         "rows": plan.rows,
@@ -60,6 +59,12 @@ def new_manifest(value: Any, plan: Plan, checksum: Checksum, producer: Mapping[s
         "producer": {**_library_versions(), **producer},
         "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
     }
+
+
+def type_name(value: Any) -> str:
+    """The value's type as the manifest's ``python_type`` names it (``pandas.core.frame.DataFrame``)."""
+    cls = type(value)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def save_manifest(fs: AbstractFileSystem, dir_path: str, manifest: dict[str, Any]) -> None:

@@ -58,7 +58,7 @@ def checkpoint_uri(
     's3://b/ckpt/etl/manual__2024-01-01T00_00_00_00_00-c87eaaa6/extract/-1/'
     """
     index = -1 if map_index is None else int(map_index)
-    return f"{run_uri(base_uri, dag_id, run_id)}{path_component(task_id)}/{index}/"
+    return f"{run_uri(base_uri, dag_id, run_id)}{path_component(task_id)}/{path_component(str(index))}/"
 
 
 def run_uri(base_uri: str, dag_id: str, run_id: str) -> str:
@@ -67,7 +67,15 @@ def run_uri(base_uri: str, dag_id: str, run_id: str) -> str:
 
 
 def path_component(value: str) -> str:
-    """How an id is spelled as a directory name in checkpoint paths (see :func:`checkpoint_uri`)."""
+    """How an id is spelled as a directory name in checkpoint paths (see :func:`checkpoint_uri`).
+
+    The one sanitiser of every component below a base: dag, run and task ids, the map index and
+    the keys of ``multiple_outputs``. Its result never holds a ``/`` nor starts with ``.``, so no
+    id (``../../x`` included) reaches outside its parent directory.
+
+    >>> path_component("../../x")
+    '_.._x-9cdf6a50'
+    """
     value = str(value)
     if _SAFE_COMPONENT.fullmatch(value) and not value.startswith("."):
         return value
