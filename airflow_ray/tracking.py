@@ -50,10 +50,9 @@ Stability: beta.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -62,6 +61,7 @@ from airflow_ray._worker.tracking import (
     PARENT_RUN_TAG,
     Promotion,
     TrackedRun,
+    mlflow_environment,
     register_if_better,
     xgboost_callback,
 )
@@ -80,6 +80,7 @@ __all__ = [
     "TrackedRun",
     "TrackingServer",
     "airflow_tags",
+    "mlflow_environment",
     "register_if_better",
     "tracking_server",
     "xgboost_callback",
@@ -124,7 +125,7 @@ class MlflowTracking:
         map_index = -1 if ti.map_index is None else ti.map_index
         server = tracking_server(self.conn_id)
         identity = airflow_tags(ti.dag_id, ti.run_id, ti.task_id, ti.try_number, map_index)
-        with _environment(server.credentials):
+        with mlflow_environment(server.uri, server.credentials):
             client = MlflowClient(server.uri)
             experiment_id = _experiment_id(client, self.experiment, self.artifact_location)
             default_name = ti.task_id if map_index < 0 else f"{ti.task_id}[{map_index}]"
@@ -241,18 +242,3 @@ def _credentials(login: str | None, password: str | None) -> dict[str, str]:
     if password:
         return {"MLFLOW_TRACKING_TOKEN": password}
     return {}
-
-
-@contextlib.contextmanager
-def _environment(variables: Mapping[str, str]) -> Iterator[None]:
-    """MLflow reads credentials from the environment only: set them around a block."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

@@ -25,6 +25,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from airflow_ray._worker.tracking import TrackedRun
+
 #: Marks where an upstream object goes in the (pickled) arguments: {SLOT: index, "path": [...]}.
 SLOT = "__airflow_ray_slot__"
 _FLUSH_INTERVAL_S = 0.3
@@ -53,7 +55,8 @@ def execute(
         values = [as_dataset(v) if i in spec.get("datasets", ()) else v for i, v in enumerate(inputs)]
         args = _fill(args, values)
         kwargs = _fill(kwargs, values)
-        result = fn(*args, **kwargs)
+        with _call_environment(args, kwargs):
+            result = fn(*args, **kwargs)
     if spec.get("split") == "keys":
         if not isinstance(result, dict) or not all(isinstance(k, str) for k in result):
             raise TypeError(
@@ -159,6 +162,20 @@ def _is_plain(value: Any, budget: list[int]) -> bool:
 
 
 # --- private helpers -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _call_environment(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[None]:
+    """MLflow's URI and credentials of each :class:`TrackedRun` argument, for this call only.
+
+    This worker runs other DAGs' tasks next: whatever the function sets for MLflow (through
+    ``TrackedRun.use``, ``mlflow.set_tracking_uri``) is put back as it was when it returns.
+    """
+    with contextlib.ExitStack() as stack:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, TrackedRun):
+                stack.enter_context(value.environment())
+        yield
 
 
 def same_tuple(original: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import urllib.error
 import urllib.request
@@ -54,7 +53,7 @@ from airflow.sdk.exceptions import AirflowException
 
 from airflow_ray._api import public_api
 from airflow_ray.hooks import RayHook
-from airflow_ray.tracking import DEFAULT_CONN_ID, TrackingServer, tracking_server
+from airflow_ray.tracking import DEFAULT_CONN_ID, TrackingServer, mlflow_environment, tracking_server
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -293,8 +292,8 @@ def pin_model_uri(model_uri: str, server: TrackingServer) -> str:
     from mlflow import MlflowClient
 
     name, alias = model_uri.removeprefix("models:/").split("@", 1)
-    os.environ.update(server.credentials)
-    version = MlflowClient(server.uri).get_model_version_by_alias(name, alias).version
+    with mlflow_environment(server.uri, server.credentials):
+        version = MlflowClient(server.uri).get_model_version_by_alias(name, alias).version
     return f"models:/{name}/{version}"
 
 
