@@ -29,35 +29,52 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
+import types
 from collections.abc import Iterator, Mapping
 
-_lock = threading.Lock()
-#: Per variable set by a scope still open: its value before the first such scope, then the open
-#: scopes' values, oldest first, each with its scope's token.
-_open: dict[str, tuple[str | None, list[tuple[object, str]]]] = {}
+#: Where the process keeps its open scopes (see :func:`_open_scopes`).
+_STATE_MODULE = "airflow_ray._worker.environment.state"
 
 
 @contextlib.contextmanager
 def scoped_environ(variables: Mapping[str, str]) -> Iterator[None]:
     """Set ``variables`` in ``os.environ`` for the block; restore the previous values after it."""
     token = object()
-    with _lock:
+    lock, open_scopes = _open_scopes()
+    with lock:
         for name, value in variables.items():
-            _open.setdefault(name, (os.environ.get(name), []))[1].append((token, value))
+            open_scopes.setdefault(name, (os.environ.get(name), []))[1].append((token, value))
             os.environ[name] = value
     try:
         yield
     finally:
-        with _lock:
+        with lock:
             for name in variables:
-                before, scopes = _open[name]
+                before, scopes = open_scopes[name]
                 scopes[:] = [scope for scope in scopes if scope[0] is not token]
                 if scopes:
                     os.environ[name] = scopes[-1][1]
                     continue
-                del _open[name]
+                del open_scopes[name]
                 if before is None:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = before
+
+
+def _open_scopes() -> tuple[threading.Lock, dict[str, tuple[str | None, list[tuple[object, str]]]]]:
+    """The process's lock and, per variable set by a scope still open, its value before the first
+    such scope and the open scopes' values (oldest first, with each scope's token).
+
+    Kept in ``sys.modules``, not in this module's globals: this module travels by value, and
+    every pickle of it (the runner's, a ``TrackedRun``'s) would bring its own copy.
+    """
+    state = sys.modules.get(_STATE_MODULE)
+    if state is None:
+        fresh = types.ModuleType(_STATE_MODULE)
+        fresh.lock = threading.Lock()  # type: ignore[attr-defined]
+        fresh.open_scopes = {}  # type: ignore[attr-defined]
+        state = sys.modules.setdefault(_STATE_MODULE, fresh)  # atomic: one winner per process
+    return state.lock, state.open_scopes

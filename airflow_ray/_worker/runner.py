@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from airflow_ray._worker.tracking import TrackedRun
+from airflow_ray._worker import tracking
 
 #: Marks where an upstream object goes in the (pickled) arguments: {SLOT: index, "path": [...]}.
 SLOT = "__airflow_ray_slot__"
@@ -166,14 +166,18 @@ def _is_plain(value: Any, budget: list[int]) -> bool:
 
 @contextlib.contextmanager
 def _call_environment(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[None]:
-    """MLflow's URI and credentials of each :class:`TrackedRun` argument, for this call only.
+    """MLflow's URI and credentials of each ``TrackedRun`` argument, for this call only.
 
     This worker runs other DAGs' tasks next: whatever the function sets for MLflow (through
     ``TrackedRun.use``, ``mlflow.set_tracking_uri``) is put back as it was when it returns.
+    A ``TrackedRun`` is known by its class's name, not by ``isinstance``: the class travels by
+    value, and the copy in the arguments (pickled by the Airflow task process) is another class
+    object than this module's (pickled by whichever process created the owner).
     """
+    cls = tracking.TrackedRun
     with contextlib.ExitStack() as stack:
         for value in (*args, *kwargs.values()):
-            if isinstance(value, TrackedRun):
+            if (type(value).__module__, type(value).__qualname__) == (cls.__module__, cls.__qualname__):
                 stack.enter_context(value.environment())
         yield
 
