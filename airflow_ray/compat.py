@@ -77,6 +77,7 @@ def own_env(name: str) -> str | None:
     """The process's own value of ``name``: what it was before :func:`apply_env` set it for a cluster.
 
     What a token lookup must read: the value in ``os.environ`` may be another cluster's token.
+    No Ray API: it reads the bookkeeping of :func:`apply_env`. Checked against Ray 2.60.
     """
     value = os.environ.get(name)
     if name in _applied and value == _applied[name][1]:
