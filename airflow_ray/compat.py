@@ -30,10 +30,18 @@ if TYPE_CHECKING:
 #: The Ray minor version every function below was checked against (see ``pyproject.toml``).
 CHECKED_RAY_VERSION = "2.60"
 _PING_TIMEOUT_S = 5.0
+#: Variables :func:`apply_env` set: their value before, and the value it set.
+_applied: dict[str, tuple[str | None, str]] = {}
 
 
 def apply_env(env: dict[str, str]) -> None:
-    """Set Ray's auth/network environment variables for this process, and make Ray re-read them.
+    """Set Ray's auth/network environment variables for one cluster, and make Ray re-read them.
+
+    ``env`` replaces what the previous call set, it does not add to it: a variable that call set
+    and this one does not name goes back to the process's own value (or away). A process that
+    connected to cluster A with A's token and now targets B, whose connection has none, must
+    not keep sending A's token (``dag.test()`` runs every task in one process; a task may use
+    two connections). Variables changed by someone else since are theirs and left alone.
 
     Private APIs: ``ray._raylet.Config.initialize``, ``ray._raylet.AuthenticationTokenLoader``
     (``.instance().reset_cache()``) and ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``.
@@ -43,18 +51,41 @@ def apply_env(env: dict[str, str]) -> None:
     "localhost" to the machine's external IP. Ray has no public way to reload them.
     Checked against Ray 2.60.
     """
-    if not env or all(os.environ.get(k) == v for k, v in env.items()):
+    wanted: dict[str, str | None] = {name: own_env(name) for name in _applied} | dict(env)
+    if all(os.environ.get(name) == value for name, value in wanted.items()):
         return
-    os.environ.update(env)
+    for name, value in wanted.items():
+        before = own_env(name)
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+        _applied.pop(name, None)
+        if name in env:
+            _applied[name] = (before, env[name])
     if "ray" not in sys.modules:
         return  # Ray reads the variables when it is imported
     from ray._private import ray_constants
     from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
-    if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in env:  # read once, at import time
-        ray_constants.ENABLE_RAY_CLUSTER = env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
+    if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in wanted:  # read once, at import time
+        value = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+        default = sys.platform not in ("win32", "darwin")  # Ray's own default
+        ray_constants.ENABLE_RAY_CLUSTER = default if value is None else value != "0"
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
+
+
+def own_env(name: str) -> str | None:
+    """The process's own value of ``name``: what it was before :func:`apply_env` set it for a cluster.
+
+    What a token lookup must read: the value in ``os.environ`` may be another cluster's token.
+    No Ray API: it reads the bookkeeping of :func:`apply_env`. Checked against Ray 2.60.
+    """
+    value = os.environ.get(name)
+    if name in _applied and value == _applied[name][1]:
+        return _applied[name][0]
+    return value
 
 
 def local_bootstrap_address() -> str | None:

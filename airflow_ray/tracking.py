@@ -65,6 +65,7 @@ from airflow_ray._worker.tracking import (
     Promotion,
     TrackedRun,
     mlflow_environment,
+    mlflow_variables,
     register_if_better,
     xgboost_callback,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "TrackedRun",
     "TrackingServer",
     "airflow_tags",
+    "mlflow_environment",
     "register_if_better",
     "tracking_server",
     "xgboost_callback",
@@ -128,7 +130,7 @@ class MlflowTracking:
         server = tracking_server(self.conn_id)
         identity = airflow_tags(ti.dag_id, ti.run_id, ti.task_id, ti.try_number, map_index)
         operation = f"creating a run in experiment '{self.experiment}'"
-        with _environment(server.environment), server.bounded(operation):
+        with mlflow_environment(server.uri, server.environment), server.bounded(operation):
             client = MlflowClient(server.uri)
             experiment_id = _experiment_id(client, self.experiment, self.artifact_location)
             default_name = ti.task_id if map_index < 0 else f"{ti.task_id}[{map_index}]"
@@ -164,7 +166,7 @@ class TrackingServer:
     @property
     def environment(self) -> dict[str, str]:
         """What MLflow reads from the environment for this server: credentials, request timeout."""
-        return mlflow_environment(self.credentials, self.timeout_s)
+        return mlflow_variables(self.credentials, self.timeout_s)
 
     @contextlib.contextmanager
     def bounded(self, operation: str) -> Iterator[None]:
@@ -271,18 +273,3 @@ def _credentials(login: str | None, password: str | None) -> dict[str, str]:
     if password:
         return {"MLFLOW_TRACKING_TOKEN": password}
     return {}
-
-
-@contextlib.contextmanager
-def _environment(variables: Mapping[str, str]) -> Iterator[None]:
-    """MLflow reads credentials from the environment only: set them around a block."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

@@ -372,3 +372,113 @@ def test_airflow_providers_list_shows_airflow_ray():
     start = proc.stdout.index("[")
     providers = {p["package_name"]: p for p in json.loads(proc.stdout[start:])}
     assert "airflow-ray" in providers
+
+
+# --- the token goes only to the cluster it belongs to ---------------------------------------------
+
+
+class _GrpcRecorder:
+    """A gRPC server that records the metadata of every call and implements nothing."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+
+        self.calls: list[dict[str, str]] = []
+        recorder = self
+
+        class Handler(grpc.GenericRpcHandler):
+            def service(self, handler_call_details):
+                recorder.calls.append(dict(handler_call_details.invocation_metadata))
+                return None  # UNIMPLEMENTED
+
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        self.server.add_generic_rpc_handlers((Handler(),))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+
+class _HttpRecorder:
+    """An HTTP server that records the Authorization header of every request and answers 404."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.authorization: list[str | None] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                recorder.authorization.append(self.headers.get("Authorization"))
+                self.send_error(404)
+
+            do_POST = do_GET
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def grpc_recorder():
+    recorder = _GrpcRecorder()
+    yield recorder
+    recorder.server.stop(grace=None)
+
+
+@pytest.fixture
+def http_recorder():
+    recorder = _HttpRecorder()
+    yield recorder
+    recorder.server.shutdown()
+
+
+def test_a_token_for_cluster_a_is_not_sent_to_cluster_b(ray_cluster, grpc_recorder, http_recorder):
+    """Connected to A with A's token (and the local token file present), B gets no token at all:
+    neither on the gRPC call of its Ray Client address nor on its dashboard."""
+    token = cluster.ensure_token().read_text().strip()
+    conn_a = {"conn_type": "ray", "host": ray_cluster.address, "password": token}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / "token_scope.py")],
+        env=_subprocess_env(
+            AIRFLOW_CONN_RAY_A=json.dumps(conn_a),
+            AIRFLOW_CONN_RAY_B=json.dumps(
+                {
+                    "conn_type": "ray",
+                    "host": f"ray://127.0.0.1:{grpc_recorder.port}",
+                    "extra": {"dashboard_url": http_recorder.url},
+                }
+            ),
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("TOKEN_SCOPE=")]
+    assert lines, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    report = json.loads(lines[-1].removeprefix("TOKEN_SCOPE="))
+    assert report["a_roundtrip"] == "via A's token"  # A got its token
+    assert report["b_probe"][0] is False  # the recorder implements nothing
+    assert grpc_recorder.calls, "B's Ray Client address was never called"
+    assert all("authorization" not in call for call in grpc_recorder.calls), grpc_recorder.calls
+    assert http_recorder.authorization == [None]
+
+
+def test_the_token_file_goes_to_the_embedded_dashboard_only(ray_cluster, monkeypatch, http_recorder):
+    from airflow_ray.hooks import RayJobHook
+
+    RayHook("no_such_connection").connect()  # a driver of the embedded cluster: token mode on
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", http_recorder.url)
+    with pytest.raises(RuntimeError, match="Version check returned 404"):  # only the request matters
+        RayJobHook("no_such_connection").client  # noqa: B018  # JobSubmissionClient asks the version
+    assert http_recorder.authorization == [None]
+    # The embedded cluster's own dashboard gets it (without it, the Jobs API answers 401).
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
+    dashboard = RayJobHook("no_such_connection").get_dashboard()
+    assert dashboard.local_token and dashboard.token == cluster.ensure_token().read_text().strip()

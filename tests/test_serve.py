@@ -157,3 +157,61 @@ def test_teardown_removes_the_app_and_is_idempotent(run_dag, serve_url, versions
     with pytest.raises(urllib.error.HTTPError) as error:
         _post(f"{serve_url}/{served.APP}")
     assert error.value.code == 404
+
+
+RECORDING_MODEL = """
+import os
+
+import mlflow
+
+
+class Recording(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        self.loaded_with = os.environ.get("MLFLOW_TRACKING_USERNAME")
+
+    def predict(self, context, model_input):
+        return [self.loaded_with] * len(model_input)
+
+
+mlflow.models.set_model(Recording())
+"""
+
+
+def test_replica_has_the_credentials_while_loading_only(serve_url, mlflow_server, tmp_path):
+    """The model server's replica loads the model with the MLflow credentials; afterwards its
+    environment (where every request runs) holds none of MLflow's variables."""
+    import mlflow
+    from ray import serve
+
+    from airflow_ray._worker import serving
+    from airflow_ray.owners import ship_worker_code
+
+    code = tmp_path / "recording_model.py"
+    code.write_text(RECORDING_MODEL)
+    with mlflow.start_run(run_name="recording"):
+        model_uri = mlflow.pyfunc.log_model(
+            name="model", python_model=str(code), pip_requirements=[]
+        ).model_uri
+
+    class Probe(serving.MlflowModelServer):
+        def environment(self) -> dict[str, str]:
+            import os
+
+            return {name: value for name, value in os.environ.items() if name.startswith("MLFLOW_")}
+
+        def loaded_with(self) -> list:
+            return serving.predict(self.model, {"inputs": [[0]]})
+
+    ship_worker_code()
+    credentials = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "s3cret"}
+    app = serve.deployment(name="probe", ray_actor_options={"num_cpus": 0.25})(Probe)
+    handle = serve.run(
+        app.bind(model_uri, mlflow_server.uri, credentials),
+        name="secrets-probe",
+        route_prefix="/secrets-probe",
+    )
+    try:
+        assert handle.loaded_with.remote().result(timeout_s=60) == ["alice"]
+        assert handle.environment.remote().result(timeout_s=60) == {}
+    finally:
+        serve.delete("secrets-probe")

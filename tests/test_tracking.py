@@ -136,3 +136,27 @@ def test_tracking_server_resolution(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "mlruns")
     with pytest.raises(ValueError, match="relative path"):
         tracking_server("mlflow_missing")
+
+
+def test_credentials_are_set_for_the_call_only(run_dag, mlflow_server, monkeypatch):
+    """After a tracked @ray_task that set MLflow up process-wide, the next task on the same Ray
+    worker finds none of it, and the Airflow task process's environment is as before."""
+    host, port = mlflow_server.uri.removeprefix("http://").split(":")
+    conn = {"conn_type": "http", "host": host, "port": int(port), "login": "alice", "password": "s3cret"}
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_DEFAULT", json.dumps(conn))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = tracked.mlflow_environ()
+
+    result = run_dag(tracked.mlflow_scoped_dag)
+
+    assert result.state == "success", result.states
+    during, after = result.xcom("tracked"), result.xcom("later")
+    assert during["during"] == {
+        "MLFLOW_TRACKING_URI": mlflow_server.uri,
+        "MLFLOW_TRACKING_USERNAME": "alice",
+        "MLFLOW_TRACKING_PASSWORD": "s3cret",
+    }
+    assert after["pid"] == during["pid"], "the second task ran on another worker: nothing to check"
+    assert after["seen"] == {}
+    assert after["tracking_uri"] != mlflow_server.uri  # MLflow's own setting is back too
+    assert tracked.mlflow_environ() == before

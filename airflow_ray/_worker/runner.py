@@ -25,6 +25,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from airflow_ray._worker import tracking
+
 #: Marks where an upstream object goes in the (pickled) arguments: {SLOT: index, "path": [...]}.
 SLOT = "__airflow_ray_slot__"
 _FLUSH_INTERVAL_S = 0.3
@@ -53,7 +55,8 @@ def execute(
         values = [as_dataset(v) if i in spec.get("datasets", ()) else v for i, v in enumerate(inputs)]
         args = _fill(args, values)
         kwargs = _fill(kwargs, values)
-        result = fn(*args, **kwargs)
+        with _call_environment(args, kwargs):
+            result = fn(*args, **kwargs)
     if spec.get("split") == "keys":
         if not isinstance(result, dict) or not all(isinstance(k, str) for k in result):
             raise TypeError(
@@ -159,6 +162,24 @@ def _is_plain(value: Any, budget: list[int]) -> bool:
 
 
 # --- private helpers -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _call_environment(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[None]:
+    """MLflow's URI and credentials of each ``TrackedRun`` argument, for this call only.
+
+    This worker runs other DAGs' tasks next: whatever the function sets for MLflow (through
+    ``TrackedRun.use``, ``mlflow.set_tracking_uri``) is put back as it was when it returns.
+    A ``TrackedRun`` is known by its class's name, not by ``isinstance``: the class travels by
+    value, and the copy in the arguments (pickled by the Airflow task process) is another class
+    object than this module's (pickled by whichever process created the owner).
+    """
+    cls = tracking.TrackedRun
+    with contextlib.ExitStack() as stack:
+        for value in (*args, *kwargs.values()):
+            if (type(value).__module__, type(value).__qualname__) == (cls.__module__, cls.__qualname__):
+                stack.enter_context(value.environment())
+        yield
 
 
 def same_tuple(original: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:

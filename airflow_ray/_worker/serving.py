@@ -14,9 +14,10 @@ Requests use MLflow's scoring format, so a client of ``mlflow models serve`` wor
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+from airflow_ray._worker.tracking import mlflow_environment
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,16 +28,17 @@ class MlflowModelServer:
     """A Serve deployment: loads ``model_uri`` (a pinned ``models:/name/version``) once per replica.
 
     Loading happens in the constructor, so a model that cannot load fails the deployment
-    (Serve marks it ``DEPLOY_FAILED``) instead of failing every request later.
+    (Serve marks it ``DEPLOY_FAILED``) instead of failing every request later. It is also the
+    only time the replica talks to MLflow: the credentials are set for the loading only, and a
+    request never finds them in the replica's environment.
     """
 
     def __init__(self, model_uri: str, tracking_uri: str, mlflow_env: Mapping[str, str]) -> None:
         import mlflow.pyfunc
 
-        os.environ.update(mlflow_env)  # credentials and request timeout: MLflow reads them there
-        mlflow.set_tracking_uri(tracking_uri)
         self.model_uri = model_uri
-        self.model = mlflow.pyfunc.load_model(model_uri)
+        with mlflow_environment(tracking_uri, mlflow_env):
+            self.model = mlflow.pyfunc.load_model(model_uri)
 
     async def __call__(self, request: Request) -> dict[str, Any]:
         return {"predictions": predict(self.model, await request.json()), "model_uri": self.model_uri}
@@ -78,6 +80,6 @@ def reference_predictions(
     """
     import mlflow.pyfunc
 
-    os.environ.update(mlflow_env)
-    mlflow.set_tracking_uri(tracking_uri)
-    return predict(mlflow.pyfunc.load_model(model_uri), payload)
+    with mlflow_environment(tracking_uri, mlflow_env):
+        model = mlflow.pyfunc.load_model(model_uri)
+    return predict(model, payload)

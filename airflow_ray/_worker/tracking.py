@@ -5,6 +5,11 @@
 here runs on Ray workers (and works in the Airflow process alike): it travels by value with
 :mod:`airflow_ray._worker`, imports only the standard library at module level, and MLflow, Ray
 Tune and xgboost inside the functions that use them, never Airflow.
+
+MLflow keeps its server and credentials process-wide (credentials in the environment only), and
+Ray workers run task after task of any DAG: :func:`mlflow_environment` sets them for one call and
+puts back what was there before. The task runner opens it around every call that receives a
+:class:`TrackedRun`, so nothing a tracked function leaves behind reaches the worker's next task.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import contextlib
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .environment import scoped_environ
 from .timeouts import caused_by_timeout
 
 if TYPE_CHECKING:
@@ -49,14 +56,14 @@ class TrackedRun:
     def start(self) -> Iterator[mlflow.ActiveRun]:
         """Make this the active MLflow run of this process (``mlflow.log_*`` go to it).
 
-        Ends it ``FINISHED``, or ``FAILED`` if the block raises. A request that timed out, in the
-        block or starting the run, gets a note naming the server and the option to raise.
+        Ends it ``FINISHED``, or ``FAILED`` if the block raises; the server's URI, credentials and
+        request timeout are set for the block only (:meth:`environment`). A request that timed
+        out, in the block or starting the run, gets a note naming the server and the option to raise.
         """
         import mlflow
 
-        self.use()
         try:
-            with mlflow.start_run(run_id=self.run_id) as run:
+            with self.environment(), mlflow.start_run(run_id=self.run_id) as run:
                 yield run
         except Exception as exc:
             if caused_by_timeout(exc):
@@ -68,15 +75,21 @@ class TrackedRun:
                 )
             raise
 
+    def environment(self) -> contextlib.AbstractContextManager[None]:
+        """MLflow's URI and credentials of this run's server, for a block only (see
+        :func:`mlflow_environment`)."""
+        return mlflow_environment(self.tracking_uri, mlflow_variables(self.credentials, self.timeout_s))
+
     def use(self) -> None:
         """Point this process's MLflow at the run's server (URI and credentials).
 
-        MLflow keeps both process-wide (credentials in the environment only): fine in a Ray
-        worker, which runs one task at a time.
+        MLflow keeps both process-wide, so this lasts until the current call of a ``@ray_task``
+        ends (the runner restores the worker's environment then); elsewhere (an Airflow
+        process) it lasts as long as the process: prefer ``with tracking.environment():``.
         """
         import mlflow
 
-        os.environ.update(mlflow_environment(self.credentials, self.timeout_s))
+        os.environ.update(mlflow_variables(self.credentials, self.timeout_s))
         mlflow.set_tracking_uri(self.tracking_uri)
 
     def client(self) -> MlflowClient:
@@ -145,51 +158,72 @@ def register_if_better(
     """
     from mlflow.exceptions import MlflowException
 
-    client = tracking.client()
-    try:
-        champion = client.get_model_version_by_alias(model_name, alias)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(exc).lower():
-            raise
-        champion = None
-    candidate_score = float(score(candidate_uri))
-    champion_score = float(score(f"models:/{model_name}/{champion.version}")) if champion else None
-    if math.isnan(candidate_score):
-        raise ValueError(f"The candidate {candidate_uri} scored NaN on {metric}")
-    better = champion_score is None or (
-        candidate_score > champion_score if greater_is_better else candidate_score < champion_score
-    )
-    version = champion.version if champion else None
-    if better:
-        version = _register(model_name, candidate_uri, tracking)
-        client.set_registered_model_alias(model_name, alias, version)
-    decision = Promotion(
-        promoted=better,
-        model_name=model_name,
-        alias=alias,
-        metric=metric,
-        candidate_score=candidate_score,
-        champion_score=champion_score,
-        champion_version=champion.version if champion else None,
-        version=version,
-    )
-    metrics = {f"candidate_{metric}": candidate_score}
-    if champion_score is not None:
-        metrics[f"champion_{metric}"] = champion_score
-    for key, value in metrics.items():
-        client.log_metric(tracking.run_id, key, value)
-    verdict = (
-        f"promoted {candidate_uri} to {model_name}@{alias} (version {version})"
-        if better
-        else f"kept {model_name}@{alias} (version {version})"
-    )
-    summary = f"{verdict}: candidate {metric}={candidate_score:.6g}, champion {metric}={champion_score}"
-    client.set_tag(tracking.run_id, "promotion", summary)
-    log.info("%s", summary)
-    return decision
+    with tracking.environment():  # an Airflow process keeps no credentials either
+        client = tracking.client()
+        try:
+            champion = client.get_model_version_by_alias(model_name, alias)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(exc).lower():
+                raise
+            champion = None
+        candidate_score = float(score(candidate_uri))
+        champion_score = float(score(f"models:/{model_name}/{champion.version}")) if champion else None
+        if math.isnan(candidate_score):
+            raise ValueError(f"The candidate {candidate_uri} scored NaN on {metric}")
+        better = champion_score is None or (
+            candidate_score > champion_score if greater_is_better else candidate_score < champion_score
+        )
+        version = champion.version if champion else None
+        if better:
+            version = _register(model_name, candidate_uri, tracking)
+            client.set_registered_model_alias(model_name, alias, version)
+        decision = Promotion(
+            promoted=better,
+            model_name=model_name,
+            alias=alias,
+            metric=metric,
+            candidate_score=candidate_score,
+            champion_score=champion_score,
+            champion_version=champion.version if champion else None,
+            version=version,
+        )
+        metrics = {f"candidate_{metric}": candidate_score}
+        if champion_score is not None:
+            metrics[f"champion_{metric}"] = champion_score
+        for key, value in metrics.items():
+            client.log_metric(tracking.run_id, key, value)
+        verdict = (
+            f"promoted {candidate_uri} to {model_name}@{alias} (version {version})"
+            if better
+            else f"kept {model_name}@{alias} (version {version})"
+        )
+        summary = f"{verdict}: candidate {metric}={candidate_score:.6g}, champion {metric}={champion_score}"
+        client.set_tag(tracking.run_id, "promotion", summary)
+        log.info("%s", summary)
+        return decision
 
 
-def mlflow_environment(credentials: Mapping[str, str], timeout_s: float | None) -> dict[str, str]:
+@contextlib.contextmanager
+def mlflow_environment(tracking_uri: str, variables: Mapping[str, str]) -> Iterator[None]:
+    """MLflow's process-wide settings for one block: this server's URI and credentials, then back.
+
+    Sets ``MLFLOW_TRACKING_URI`` and the credential variables (:func:`scoped_environ`: restored
+    exactly, absence included, even when threads overlap) and, on the way out, puts MLflow's own
+    tracking-URI setting back as it was (``mlflow.set_tracking_uri`` inside the block, e.g. by
+    :meth:`TrackedRun.use`, changes a module global of MLflow and the environment variable).
+    """
+    saved_uri = _mlflow_tracking_uri_setting()
+    with scoped_environ({"MLFLOW_TRACKING_URI": tracking_uri, **variables}):
+        try:
+            yield
+        finally:
+            if "mlflow" in sys.modules:
+                import mlflow
+
+                mlflow.set_tracking_uri(saved_uri)  # type: ignore[arg-type]  # None: unset
+
+
+def mlflow_variables(credentials: Mapping[str, str], timeout_s: float | None) -> dict[str, str]:
     """What MLflow reads from the environment to talk to one server: credentials, request timeout.
 
     MLflow has no other way to take either; its own retries of a timed-out request
@@ -219,6 +253,20 @@ def xgboost_callback(every: int = 1) -> Any:
             return False
 
     return LogEvalMetrics()
+
+
+def _mlflow_tracking_uri_setting() -> str | None:
+    """What ``mlflow.set_tracking_uri`` set in this process, None if nothing (or no MLflow yet).
+
+    Private MLflow API (``mlflow.tracking._tracking_service.utils._tracking_uri``): the public
+    ``mlflow.get_tracking_uri()`` answers with the environment's or the default URI when
+    nothing is set, which cannot be set back as "nothing". Checked against MLflow 3.
+    """
+    if "mlflow" not in sys.modules:
+        return None
+    from mlflow.tracking._tracking_service import utils
+
+    return utils._tracking_uri
 
 
 def _register(name: str, source: str, tracking: TrackedRun) -> str:

@@ -298,22 +298,34 @@ def _target_from_connection(conn: Connection) -> RayTarget:
 
 def _address_env(address: str, token: str | None) -> dict[str, str]:
     """Environment for a driver of ``address``: the token setup, plus the embedded cluster's own
-    variables when the address is that cluster (its loopback-only mode needs them on both sides)."""
+    variables when the address is that cluster (its loopback-only mode needs them on both sides).
+
+    The local token file may only go where it belongs: the embedded cluster (either of its
+    addresses), or a cluster this machine is a node of (a GCS ``host:port`` / ``auto`` address,
+    whose drivers must run on a node: the node's file is that cluster's token). Never a Ray
+    Client or Anyscale address elsewhere.
+    """
     from airflow_ray import cluster
 
-    local = cluster.current() if not address.startswith(("ray://", "anyscale://")) else None
+    local = None if address.startswith("anyscale://") else cluster.current()
     env = dict(cluster.LOCAL_ENV) if local is not None and local.address == address else {}
-    return {**env, **_token_env(token)}
+    embedded = local is not None and address in (local.address, local.client_address)
+    on_a_node = not address.startswith(("ray://", "anyscale://"))
+    return {**env, **_token_env(token, token_file=embedded or on_a_node)}
 
 
-def _token_env(token: str | None) -> dict[str, str]:
-    """Environment that makes Ray send a token, when we have one to send."""
+def _token_env(token: str | None, *, token_file: bool) -> dict[str, str]:
+    """Environment that makes Ray send a token to one cluster, when we have one for it.
+
+    Read from the process's own environment (:func:`compat.own_env`), never from what an earlier
+    connection set: that may be another cluster's token. :func:`compat.apply_env` removes what
+    it set for the previous cluster, so a target without a token sends none.
+    """
     if token:
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    if os.environ.get("RAY_AUTH_MODE"):
+    if compat.own_env("RAY_AUTH_MODE"):
         return {}
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if os.environ.get("RAY_AUTH_TOKEN") or token_file.exists():
+    if compat.own_env("RAY_AUTH_TOKEN") or (token_file and _token_file().exists()):
         return {"RAY_AUTH_MODE": "token"}
     return {}
 
@@ -321,21 +333,25 @@ def _token_env(token: str | None) -> dict[str, str]:
 def http_token(password: str | None, *, local_token: bool = False) -> str | None:
     """The token to send to a dashboard: the connection's, ``RAY_AUTH_TOKEN``, or the token file.
 
-    The token file (``RAY_AUTH_TOKEN_PATH``, default ``~/.ray/auth_token``) is only read for the
-    embedded cluster or when ``RAY_AUTH_MODE=token`` says the cluster wants it: a local secret
-    is never sent to a dashboard that did not ask for one.
+    ``RAY_AUTH_TOKEN`` is the process's own (set for the Airflow worker), not one a connection
+    to another cluster put there. The token file (``RAY_AUTH_TOKEN_PATH``, default
+    ``~/.ray/auth_token``) is the embedded cluster's: it is read for that cluster's dashboard
+    (``local_token``) and sent to no other.
     """
     if password:
         return password
-    if token := os.environ.get("RAY_AUTH_TOKEN"):
+    if token := compat.own_env("RAY_AUTH_TOKEN"):
         return token
-    if local_token or os.environ.get("RAY_AUTH_MODE") == "token":
-        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if local_token:
         try:
-            return path.read_text().strip() or None
+            return _token_file().read_text().strip() or None
         except FileNotFoundError:
             return None
     return None
+
+
+def _token_file() -> Path:
+    return Path(compat.own_env("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
 
 
 def _extra(conn: Connection | None, key: str) -> Any:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import urllib.error
 import urllib.request
@@ -56,7 +55,7 @@ from airflow_ray import config
 from airflow_ray._api import public_api
 from airflow_ray.exceptions import service_timeout
 from airflow_ray.hooks import RayHook
-from airflow_ray.tracking import DEFAULT_CONN_ID, TrackingServer, tracking_server
+from airflow_ray.tracking import DEFAULT_CONN_ID, TrackingServer, mlflow_environment, tracking_server
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -305,8 +304,7 @@ def pin_model_uri(model_uri: str, server: TrackingServer) -> str:
     from mlflow import MlflowClient
 
     name, alias = model_uri.removeprefix("models:/").split("@", 1)
-    os.environ.update(server.environment)
-    with server.bounded(f"looking up {model_uri}"):
+    with mlflow_environment(server.uri, server.environment), server.bounded(f"looking up {model_uri}"):
         version = MlflowClient(server.uri).get_model_version_by_alias(name, alias).version
     return f"models:/{name}/{version}"
 

@@ -15,6 +15,20 @@ from airflow_ray import ray_task
 from airflow_ray.tracking import MlflowTracking, TrackedRun, register_if_better, xgboost_callback
 
 EXPERIMENT = "airflow-ray-tests"
+#: Every variable through which MLflow finds its server and credentials.
+MLFLOW_VARIABLES = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+
+
+def mlflow_environ() -> dict[str, str]:
+    """The MLflow variables set in this process."""
+    import os
+
+    return {name: os.environ[name] for name in MLFLOW_VARIABLES if name in os.environ}
 
 
 def make_data(seed: int = 0) -> dict[str, Any]:
@@ -111,6 +125,32 @@ def mlflow_tune():
     # [END howto_mlflow_tune]
 
 
+@dag(dag_id="mlflow_scoped", schedule=None)
+def mlflow_scoped():
+    """A tracked task that leaves MLflow set up process-wide, then an untracked one after it."""
+
+    @ray_task(num_cpus=1)
+    def tracked(tracking: TrackedRun) -> dict:
+        import os
+
+        import mlflow
+
+        tracking.use()  # process-wide: the runner must take it back when the call ends
+        with tracking.start():
+            mlflow.log_param("scoped", True)
+        return {"pid": os.getpid(), "during": mlflow_environ()}
+
+    @ray_task(num_cpus=1)
+    def later(previous: dict) -> dict:
+        import os
+
+        import mlflow
+
+        return {"pid": os.getpid(), "seen": mlflow_environ(), "tracking_uri": mlflow.get_tracking_uri()}
+
+    later(tracked(tracking=MlflowTracking(experiment=EXPERIMENT)))
+
+
 mlflow_tracked_dag = mlflow_tracked()
 mlflow_tune_dag = mlflow_tune()
 
@@ -131,3 +171,4 @@ def mlflow_unresponsive():
 
 
 mlflow_unresponsive_dag = mlflow_unresponsive()
+mlflow_scoped_dag = mlflow_scoped()
