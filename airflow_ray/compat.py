@@ -163,7 +163,10 @@ def job_submission_client(address: str, headers: dict[str, str], timeout: float)
     every request (the version check in its constructor, submit, package upload, status, logs,
     stop) with ``requests`` and no timeout, so an unresponsive dashboard blocks the caller forever.
     Ray has no public timeout; overriding this method adds ``requests``' own (connect and read,
-    per socket operation: a large upload is not cut short). Checked against Ray 2.60.
+    per socket operation: a large upload is not cut short). It also sends exactly ``headers``
+    (the token chosen for this dashboard, or none): Ray's constructor would add the process's own
+    token (``SubmissionClient._headers``) when a driver in token mode talks to any dashboard.
+    Checked against Ray 2.60.
 
     :raises requests.exceptions.Timeout: (from the methods) the dashboard did not answer in time.
     """
@@ -172,6 +175,9 @@ def job_submission_client(address: str, headers: dict[str, str], timeout: float)
     class _BoundedJobSubmissionClient(JobSubmissionClient):
         def _do_request(self, *args: Any, **kwargs: Any) -> Any:
             kwargs.setdefault("timeout", timeout)
+            # Exactly our headers: Ray's constructor adds this process's token (whichever
+            # cluster it is a driver of) to any dashboard's requests when we send none.
+            self._headers = dict(headers)
             return super()._do_request(*args, **kwargs)
 
     return _BoundedJobSubmissionClient(address, headers=headers)

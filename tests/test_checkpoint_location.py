@@ -123,6 +123,7 @@ def test_connection_extra_forms(monkeypatch, tmp_path):
         "secret": SECRET,
         "client_kwargs": {"endpoint_url": "http://127.0.0.1:3"},
         "use_ssl": False,
+        "config_kwargs": {"connect_timeout": 60.0, "read_timeout": 60.0},  # [ray] storage_timeout_seconds
     }
     monkeypatch.setenv(
         "AIRFLOW_CONN_URI_FORM", f"s3://AKIA-uri:{SECRET}@bkt/pre?endpoint_url=http%3A%2F%2Fh%3A9"

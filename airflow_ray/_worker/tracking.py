@@ -208,19 +208,19 @@ def mlflow_environment(tracking_uri: str, variables: Mapping[str, str]) -> Itera
     """MLflow's process-wide settings for one block: this server's URI and credentials, then back.
 
     Sets ``MLFLOW_TRACKING_URI`` and the credential variables (:func:`scoped_environ`: restored
-    exactly, absence included, even when threads overlap) and, on the way out, puts MLflow's own
-    tracking-URI setting back as it was (``mlflow.set_tracking_uri`` inside the block, e.g. by
-    :meth:`TrackedRun.use`, changes a module global of MLflow and the environment variable).
+    exactly, absence included, even when threads overlap) and MLflow's own tracking-URI setting (a
+    module global that, once set by anyone in the process, wins over the environment variable),
+    and puts that setting back as it was on the way out.
     """
+    import mlflow
+
     saved_uri = _mlflow_tracking_uri_setting()
     with scoped_environ({"MLFLOW_TRACKING_URI": tracking_uri, **variables}):
+        mlflow.set_tracking_uri(tracking_uri)
         try:
             yield
         finally:
-            if "mlflow" in sys.modules:
-                import mlflow
-
-                mlflow.set_tracking_uri(saved_uri)  # type: ignore[arg-type]  # None: unset
+            mlflow.set_tracking_uri(saved_uri)  # type: ignore[arg-type]  # None: unset
 
 
 def mlflow_variables(credentials: Mapping[str, str], timeout_s: float | None) -> dict[str, str]:
