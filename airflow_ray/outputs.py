@@ -189,7 +189,9 @@ def persist(
     produced it (``node_id``), so the data goes from the object store to storage without passing
     through this process. One directory per task instance (``<base>/<dag>/<run>/<task>/<map_index>/``,
     one subdirectory per key of ``multiple_outputs``) with stable names: a retry overwrites, never
-    piles up. Returns the references with their ``checkpoint_uri``.
+    piles up. The first write under a base marks it as this deployment's, and a base another
+    deployment marked is refused (:func:`airflow_ray.checkpoint.claim_base`). Returns the
+    references with their ``checkpoint_uri``.
     """
     import ray
 
@@ -211,10 +213,13 @@ def persist(
         else dataclasses.replace(base, uri=f"{base.uri}{path_component(key)}/")
         for key in references
     }
+    claimant = deployment.current().id
     write: Any = ray.remote(checkpoint.write_checkpoint).options(num_cpus=0, **_near(node_id))
     manifests = ray.get(
         [
-            write.remote(refs[key], locations[key], blocks=bool(ref.summary.get("dataset")))
+            write.remote(
+                refs[key], locations[key], blocks=bool(ref.summary.get("dataset")), deployment=claimant
+            )
             for key, ref in references.items()
         ]
     )

@@ -101,7 +101,7 @@ def test_clear_rerun_and_delete_return_the_object_store_to_baseline(airflow_serv
         conn.execute("delete from dag_run where run_id='xp2'")
     subprocess.run(
         [sys.executable, "-m", "airflow_ray.cli", "gc"],
-        env=airflow_services.env,
+        env={**airflow_services.env, "AIRFLOW__RAY__GC_GRACE_SECONDS": "0"},  # the run just ended
         check=True,
         capture_output=True,
     )

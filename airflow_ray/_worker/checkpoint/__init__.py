@@ -9,11 +9,12 @@ not airflow-ray. One concept per module:
 * :mod:`.paths`: where a checkpoint lives (:class:`CheckpointLocation`, directory names).
 * :mod:`.formats`: how a value is stored (Parquet, Arrow IPC, ``.npy``, cloudpickle).
 * :mod:`.manifest`: the manifest that makes a directory a complete checkpoint.
+* :mod:`.marker`: the marker that says which deployment owns a base (gc deletes only there).
 * :mod:`.streams`: streaming in large blocks, checksummed on the way.
 * :mod:`.filesystem`: the fsspec operations used; :mod:`.errors`: what is raised.
 """
 
-from .errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointBaseError, CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
 from .io import (
     RunCheckpoints,
     delete_checkpoint,
@@ -24,19 +25,24 @@ from .io import (
     write_checkpoint,
 )
 from .manifest import MANIFEST_FORMAT_VERSION, MANIFEST_NAME
+from .marker import BASE_MARKER, base_owner, claim_base
 from .paths import CheckpointLocation, checkpoint_uri, normalize_base, path_component
 from .streams import CHECKSUM_ALGORITHM
 
 __all__ = [
+    "BASE_MARKER",
     "CHECKSUM_ALGORITHM",
     "MANIFEST_FORMAT_VERSION",
     "MANIFEST_NAME",
+    "CheckpointBaseError",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointLocation",
     "CheckpointNotFoundError",
     "RunCheckpoints",
+    "base_owner",
     "checkpoint_uri",
+    "claim_base",
     "delete_checkpoint",
     "delete_run_checkpoints",
     "list_run_checkpoints",

@@ -25,3 +25,7 @@ class CheckpointCorruptError(CheckpointError, RuntimeError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No complete checkpoint (no manifest) at the location: never written, or interrupted."""
+
+
+class CheckpointBaseError(CheckpointError):
+    """The checkpoint base is not this deployment's (:mod:`.marker`): nothing is written or deleted."""
