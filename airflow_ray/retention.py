@@ -108,22 +108,21 @@ def expire_checkpoints(
     run is finished. Nothing written in the last ``grace_seconds`` (default
     ``[ray] gc_grace_seconds``) goes, manifest or not.
 
-    :raises CheckpointBaseError: the base carries no marker of this deployment (a mistyped base,
-        or another deployment's): nothing is deleted.
+    :raises CheckpointBaseError: the base holds data but no marker of this deployment (a
+        mistyped base, or another deployment's): nothing is deleted
+        (:func:`airflow_ray.checkpoint.check_base`).
     :returns: counts of ``kept`` and ``deleted`` run directories, and of those that ``failed``.
     """
     from airflow_ray import checkpoint, config, deployment
-    from airflow_ray.checkpoint import CheckpointBaseError, path_component
+    from airflow_ray.checkpoint import path_component
 
     options = storage_options or {}
-    this = deployment.current().id
-    owner = checkpoint.base_owner(base_uri, options)
-    if owner != this:
-        raise CheckpointBaseError(_not_our_base(base_uri, owner, this), base_uri)
+    counts = {"kept": 0, "deleted": 0, "failed": 0}
+    if not checkpoint.check_base(base_uri, options, deployment.current().id):
+        return counts  # nothing there yet
     started = time.time()
     now = started if now is None else now
     grace = config.gc_grace_seconds() if grace_seconds is None else grace_seconds
-    counts = {"kept": 0, "deleted": 0, "failed": 0}
     runs = list(  # listed before the DB is read: see the module docstring
         checkpoint.list_run_checkpoints(
             base_uri, options, on_error=lambda uri, exc: _failed(counts, f"checkpoints {uri}", exc)
@@ -207,24 +206,6 @@ class _Snapshot:
         for (value,) in s.query(XComModel.value).yield_per(1000):
             referenced.update(_claimed_object_ids(_json(value)))
         return cls(runs, tasks, frozenset(referenced), started)
-
-
-def _not_our_base(base_uri: str, owner: str | None, this: str) -> str:
-    from airflow_ray.checkpoint import BASE_MARKER
-
-    if owner is None:
-        why = (
-            f"it has no {BASE_MARKER}, which this deployment's first checkpoint write there leaves: "
-            "it is not a checkpoint base of this deployment (a mistyped base?), or holds only "
-            "checkpoints written before airflow-ray marked its bases"
-        )
-    else:
-        why = f"its {BASE_MARKER} says it belongs to the Airflow deployment {owner!r}"
-    return (
-        f"Not expiring checkpoints under {base_uri}: {why}. This deployment is {this!r}; nothing "
-        "was deleted. Check the base (--checkpoints, [ray] checkpoint_path); gc expires only bases "
-        "this deployment wrote checkpoints to."
-    )
 
 
 def _failed(counts: dict[str, int], what: str, exc: Exception) -> None:

@@ -105,7 +105,7 @@ def checkpointed_run(run_dag, tmp_path):
 def test_the_first_checkpoint_write_marks_the_base_as_this_deployments(checkpointed_run, tmp_path):
     marker = json.loads((tmp_path / BASE_MARKER).read_text())
     assert marker["deployment"] == deployment.current().id
-    assert checkpoint.base_owner(f"file://{tmp_path}", {}) == deployment.current().id
+    assert checkpoint.check_base(f"file://{tmp_path}", {}, deployment.current().id)
 
 
 def test_a_checkpoint_write_under_another_deployments_base_is_refused(run_dag, tmp_path):
@@ -126,7 +126,7 @@ def test_a_checkpoint_write_under_another_deployments_base_is_refused(run_dag, t
 @pytest.mark.parametrize(
     "marker, why",
     [
-        pytest.param(None, f"it has no {BASE_MARKER}", id="mistyped-base"),
+        pytest.param(None, f"it has no {BASE_MARKER}.*a mistyped base", id="mistyped-base"),
         pytest.param({"deployment": "staging"}, "belongs to the Airflow deployment 'staging'", id="foreign"),
         pytest.param("not json", "malformed", id="malformed"),
     ],
@@ -141,6 +141,24 @@ def test_gc_deletes_nothing_under_a_base_that_is_not_this_deployments(tmp_path, 
     with pytest.raises(CheckpointBaseError, match=why):
         retention.expire_checkpoints(tmp_path.as_uri(), retention_seconds=3600, grace_seconds=0)
     assert (old / "data.npy").read_bytes() == b"precious"
+
+
+def test_gc_of_a_base_that_holds_nothing_yet_deletes_nothing_and_does_not_fail(tmp_path):
+    """A configured base before the deployment's first checkpoint: gc in cron must not fail."""
+    nothing = {"kept": 0, "deleted": 0, "failed": 0}
+    assert retention.expire_checkpoints((tmp_path / "not-yet").as_uri(), retention_seconds=1) == nothing
+    assert retention.expire_checkpoints(tmp_path.as_uri(), retention_seconds=1) == nothing
+
+
+def test_gc_cli_names_a_refused_base_and_exits_1(tmp_path, ray_cluster, capsys):
+    from airflow_ray import cli
+
+    (tmp_path / "some_dag" / "run").mkdir(parents=True)
+    assert cli.main(["gc", "--dry-run", "--checkpoints", tmp_path.as_uri()]) == 1
+    out, err = capsys.readouterr()
+    assert "would free" in out
+    assert f"Not expiring checkpoints under {tmp_path.as_uri()}: it has no {BASE_MARKER}" in err
+    assert (tmp_path / "some_dag" / "run").exists()
 
 
 def test_gc_judges_a_run_without_a_manifest_by_its_modification_time(checkpointed_run):

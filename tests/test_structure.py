@@ -151,7 +151,7 @@ PUBLIC_API = {
             "CheckpointBaseError",
             "checkpoint_uri",
             "claim_base",
-            "base_owner",
+            "check_base",
             "write_checkpoint",
             "read_checkpoint",
             "read_manifest",

@@ -27,7 +27,7 @@ Two halves with different homes:
   (Running the writes on Ray for a task's outputs is :func:`airflow_ray.outputs.persist`.)
 * The worker side, :mod:`airflow_ray._worker.checkpoint`, re-exported here: :func:`write_checkpoint`,
   :func:`read_checkpoint` and the list and delete helpers run on a Ray worker next to the data
-  (the base marker, :func:`claim_base` / :func:`base_owner`, says which deployment owns a base),
+  (the base marker, :func:`claim_base` / :func:`check_base`, says which deployment owns a base),
   so a 1 GB output never passes through the Airflow process. They travel to Ray by value and need
   fsspec (plus s3fs/gcsfs for those stores), pyarrow, numpy/pandas for those types, never Airflow.
 
@@ -49,7 +49,7 @@ from airflow_ray._worker.checkpoint import (
     CheckpointLocation,
     CheckpointNotFoundError,
     RunCheckpoints,
-    base_owner,
+    check_base,
     checkpoint_uri,
     claim_base,
     delete_checkpoint,
@@ -78,7 +78,7 @@ for _public in (
     delete_run_checkpoints,
     list_run_checkpoints,
     claim_base,
-    base_owner,
+    check_base,
     resolve_checkpoint_location,
 ):
     public_api("beta")(_public)
@@ -94,7 +94,7 @@ __all__ = [
     "CheckpointLocation",
     "CheckpointNotFoundError",
     "RunCheckpoints",
-    "base_owner",
+    "check_base",
     "checkpoint_uri",
     "claim_base",
     "delete_checkpoint",

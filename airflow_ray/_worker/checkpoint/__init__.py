@@ -25,7 +25,7 @@ from .io import (
     write_checkpoint,
 )
 from .manifest import MANIFEST_FORMAT_VERSION, MANIFEST_NAME
-from .marker import BASE_MARKER, base_owner, claim_base
+from .marker import BASE_MARKER, check_base, claim_base
 from .paths import CheckpointLocation, checkpoint_uri, normalize_base, path_component
 from .streams import CHECKSUM_ALGORITHM
 
@@ -40,7 +40,7 @@ __all__ = [
     "CheckpointLocation",
     "CheckpointNotFoundError",
     "RunCheckpoints",
-    "base_owner",
+    "check_base",
     "checkpoint_uri",
     "claim_base",
     "delete_checkpoint",

@@ -13,8 +13,8 @@ a base that another deployment has claimed is refused.
 >>> import tempfile
 >>> base = "file://" + tempfile.mkdtemp()
 >>> claim_base(base, {}, "prod")
->>> base_owner(base, {})
-'prod'
+>>> check_base(base, {}, "prod")
+True
 >>> try:
 ...     claim_base(base, {}, "staging")
 ... except CheckpointBaseError as exc:
@@ -70,13 +70,39 @@ def claim_base(base_uri: str, storage_options: dict[str, Any], deployment_id: st
         )
 
 
-def base_owner(base_uri: str, storage_options: dict[str, Any]) -> str | None:
-    """The deployment id the base's marker names, or None when the base has no marker.
+def check_base(base_uri: str, storage_options: dict[str, Any], deployment_id: str) -> bool:
+    """Whether ``airflow-ray gc`` of ``deployment_id`` may delete under ``base_uri``.
 
-    :raises CheckpointBaseError: the marker exists but is not one airflow-ray wrote.
+    True when the base's marker names that deployment; False when the base holds nothing (it does
+    not exist yet: nothing to delete, and no reason to fail a sweep that runs before the first
+    checkpoint); otherwise an error, and nothing is deleted.
+
+    :raises CheckpointBaseError: the base holds data but no marker (a mistyped base?), or its
+        marker names another deployment, or is malformed.
     """
     fs, root = open_fs(normalize_base(base_uri), storage_options)
-    return _read(fs, root)
+    owner = _read(fs, root)
+    if owner == deployment_id:
+        return True
+    if owner is None:
+        try:
+            if not fs.ls(root, detail=False):
+                return False
+        except FileNotFoundError:
+            return False
+        why = (
+            f"it has no {BASE_MARKER}, which the first checkpoint a deployment writes under a base "
+            "leaves there: it is no checkpoint base of this deployment (a mistyped base?), or its "
+            "checkpoints were written before airflow-ray marked its bases"
+        )
+    else:
+        why = f"its {BASE_MARKER} says it belongs to the Airflow deployment {owner!r}"
+    raise CheckpointBaseError(
+        f"Not expiring checkpoints under {display(fs, root)}: {why}. This deployment is "
+        f"{deployment_id!r}; nothing was deleted. Check the base (--checkpoints, [ray] checkpoint_path): "
+        "gc expires checkpoints only under bases this deployment wrote checkpoints to.",
+        display(fs, root),
+    )
 
 
 def _read(fs: AbstractFileSystem, root: str) -> str | None:

@@ -1,0 +1,36 @@
+"""Run ``airflow-ray gc`` over and over until a stop file appears (tests/test_local_executor.py).
+
+Usage: ``python tests/scripts/gc_loop.py <stop file> [gc arguments...]`` in the deployment's
+environment. It prints ``READY`` once the deployment's identity exists (so no task races it into
+being), and at the end one line ``GC_LOOP=<json>``: how many sweeps ran, their exit statuses, and
+what they printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+RESULT = "GC_LOOP="
+
+
+def main(stop: str, *gc_args: str) -> dict:
+    from airflow_ray import cli, deployment
+
+    deployment.current()
+    print("READY", flush=True)
+    sweeps, statuses, last = 0, set(), ""
+    while not Path(stop).exists():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            statuses.add(cli.main(["gc", *gc_args]))
+        sweeps += 1
+        last = out.getvalue()
+    return {"sweeps": sweeps, "statuses": sorted(statuses), "last": last}
+
+
+if __name__ == "__main__":
+    print(RESULT + json.dumps(main(*sys.argv[1:])), flush=True)
