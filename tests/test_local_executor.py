@@ -130,7 +130,10 @@ def test_gc_in_a_loop_while_runs_execute_loses_nothing(airflow_services, tmp_pat
         text=True,
     )
     try:
-        assert loop.stdout is not None and loop.stdout.readline().strip() == "READY"
+        assert loop.stdout is not None
+        for line in loop.stdout:  # Airflow logs to stdout too
+            if line.strip() == "READY":
+                break
         airflow_services.wait_for_dag("gc_under_load")
         runs = [f"gc-load-{n}" for n in range(4)]
         for run in runs:

@@ -18,16 +18,16 @@ from airflow_ray import ray_task
 KEYS = ("a", "b", "c", "d")
 
 
-def expected(run_id: str, key: str) -> np.ndarray:
+def expected(run: str, key: str) -> np.ndarray:
     """What every output of the run must hold (~400 KB, far above the inline threshold)."""
-    seed = zlib.crc32(f"{run_id}/{key}".encode())
+    seed = zlib.crc32(f"{run}/{key}".encode())
     return np.random.default_rng(seed).normal(size=50_000)
 
 
-def check(run_id: str, outputs: dict) -> int:
+def check(run: str, outputs: dict) -> int:
     for key, value in outputs.items():
-        if not np.array_equal(value, expected(run_id, key)):
-            raise AssertionError(f"output {key!r} of run {run_id!r} is not what it produced")
+        if not np.array_equal(value, expected(run, key)):
+            raise AssertionError(f"output {key!r} of run {run!r} is not what it produced")
     return len(outputs)
 
 
@@ -38,26 +38,26 @@ def check(run_id: str, outputs: dict) -> int:
 )
 def gc_under_load():
     @ray_task(num_cpus=0.25, multiple_outputs=True)
-    def produce(run_id: str) -> dict:
-        return {key: expected(run_id, key) for key in KEYS}
+    def produce(run: str) -> dict:
+        return {key: expected(run, key) for key in KEYS}
 
     @task
-    def produce_plain(run_id: str) -> np.ndarray:
-        return expected(run_id, "plain")
+    def produce_plain(run: str) -> np.ndarray:
+        return expected(run, "plain")
 
     @task
-    def consume(run_id: str, a, b, c, d, plain) -> int:
-        return check(run_id, {"a": a, "b": b, "c": c, "d": d, "plain": plain})
+    def consume(run: str, a, b, c, d, plain) -> int:
+        return check(run, {"a": a, "b": b, "c": c, "d": d, "plain": plain})
 
     @ray_task(num_cpus=0.25)
-    def consume_on_ray(run_id: str, a, b, c, d, plain) -> int:
-        return check(run_id, {"a": a, "b": b, "c": c, "d": d, "plain": plain})
+    def consume_on_ray(run: str, a, b, c, d, plain) -> int:
+        return check(run, {"a": a, "b": b, "c": c, "d": d, "plain": plain})
 
-    run_id = "{{ run_id }}"
-    out, plain = produce(run_id), produce_plain(run_id)
+    run = "{{ run_id }}"
+    out, plain = produce(run), produce_plain(run)
     args = [out[key] for key in KEYS]
-    consume(run_id, *args, plain)
-    consume_on_ray(run_id, *args, plain)
+    consume(run, *args, plain)
+    consume_on_ray(run, *args, plain)
 
 
 gc_under_load_dag = gc_under_load()

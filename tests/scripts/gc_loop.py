@@ -3,7 +3,7 @@
 Usage: ``python tests/scripts/gc_loop.py <stop file> [gc arguments...]`` in the deployment's
 environment. It prints ``READY`` once the deployment's identity exists (so no task races it into
 being), and at the end one line ``GC_LOOP=<json>``: how many sweeps ran, their exit statuses, and
-what they printed.
+what the first sweeps that failed printed (the log included).
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ def main(stop: str, *gc_args: str) -> dict:
 
     deployment.current()
     print("READY", flush=True)
-    sweeps, statuses, last = 0, set(), ""
+    sweeps, statuses, failures = 0, set(), []
     while not Path(stop).exists():
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            statuses.add(cli.main(["gc", *gc_args]))
+            status = cli.main(["gc", *gc_args])
         sweeps += 1
-        last = out.getvalue()
-    return {"sweeps": sweeps, "statuses": sorted(statuses), "last": last}
+        statuses.add(status)
+        if status:
+            failures.append(out.getvalue()[-3000:])
+    return {"sweeps": sweeps, "statuses": sorted(statuses), "failures": failures[:3]}
 
 
 if __name__ == "__main__":

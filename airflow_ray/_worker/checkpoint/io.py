@@ -184,7 +184,9 @@ def list_run_checkpoints(
 
     A directory that cannot be read (a permission error, a flaky store) goes to
     ``on_error(uri, exception)`` and is skipped, as :func:`os.walk` does, so one bad run does not
-    hide the others; without ``on_error`` the error is raised.
+    hide the others; without ``on_error`` the error is raised. A directory whose files change
+    while it is listed (a file vanishes between listing and ``stat``) is being written or deleted
+    right now: it is skipped quietly, not judged.
     """
     fs, root = open_fs(base_uri, storage_options or {})
     fs.invalidate_cache(root)  # a long-lived process lists the same base again later
@@ -193,6 +195,8 @@ def list_run_checkpoints(
     def reading(uri: str, read: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
         try:
             return read(*args, **kwargs)
+        except FileNotFoundError:  # it changed while listed: a retry's write, a concurrent delete
+            return None
         except Exception as exc:
             if on_error is None:
                 raise
@@ -205,9 +209,10 @@ def list_run_checkpoints(
             run = run_path.rsplit("/", 1)[-1]
             uri = f"{base}/{dag}/{run}/"
             found = reading(uri, fs.find, run_path, withdirs=True, detail=True)
-            if found is not None:
-                times = [t for info in found.values() if (t := modified_at(info)) is not None]
-                yield RunCheckpoints(uri, dag, run, max(times, default=None))
+            if found is None:
+                continue
+            times = [t for info in found.values() if (t := modified_at(info)) is not None]
+            yield RunCheckpoints(uri, dag, run, max(times, default=None))
 
 
 def _uri_and_options(
