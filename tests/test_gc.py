@@ -16,12 +16,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import ray
 
 from airflow_ray import checkpoint, deployment, retention
-from airflow_ray._worker.keys import OutputKey
 from airflow_ray.checkpoint import BASE_MARKER, CheckpointBaseError, CheckpointLocation, checkpoint_uri
 from airflow_ray.owners import get_owner, owner_name
 from tests.dags import checkpointed, handoff
@@ -60,24 +58,33 @@ def test_gc_keeps_the_outputs_of_an_unfinished_task_instance(orphan):
     assert produced not in _held(owner)
 
 
-def test_gc_lists_the_owners_before_it_reads_the_xcom_rows(orphan, monkeypatch):
-    """An entry registered after the DB was read (its row is written later) is never judged
-    against that stale snapshot: the owners' entries were listed before the read."""
-    result, _, owner = orphan
-    late = OutputKey(result.dag_id, result.run_id, "late_task", -1, "return_value")
-    read = retention._Snapshot.read
-    registered: list[str] = []
+def test_gc_lists_the_owners_before_it_reads_the_xcom_rows(run_dag, monkeypatch):
+    """A row written while gc runs (after the owners were listed) is in the DB snapshot it judges
+    by: the owners are listed first. Read first, the snapshot would lack it and free its object."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
 
-    def read_then_register(*args, **kwargs):
-        snapshot = read(*args, **kwargs)
-        reply = ray.get(owner.adopt.remote(late, np.ones(1000), {"bytes": 8000}))
-        registered.append(reply["object_id"])
-        return snapshot
+    result = run_dag(handoff.isolation_dag, run_conf={"value": 8})
+    produced = result.xcom_raw("produce")["object_id"]
+    with create_session() as session:
+        row = (
+            session.query(XComModel)
+            .filter_by(dag_id=result.dag_id, run_id=result.run_id, task_id="produce", key="return_value")
+            .one()
+        )
+        columns = {c.name: getattr(row, c.name) for c in XComModel.__table__.columns}
+    _delete_rows(result, "produce")
+    list_owners = retention._owner_names
 
-    monkeypatch.setattr(retention._Snapshot, "read", read_then_register)
+    def list_then_write_the_row(*args):
+        names = list_owners(*args)
+        with create_session() as session:
+            session.add(XComModel(**columns))
+        return names
+
+    monkeypatch.setattr(retention, "_owner_names", list_then_write_the_row)
     retention.collect(grace_seconds=0)
-    assert registered and registered[0] in _held(owner)
-    ray.get(owner.release.remote(tuple(late)))
+    assert produced in _held(get_owner(owner_name(result.dag_id, result.run_id)))
 
 
 def test_gc_goes_on_past_an_owner_it_cannot_ask(orphan, monkeypatch):
