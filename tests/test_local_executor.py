@@ -164,7 +164,9 @@ def test_gc_in_a_loop_while_runs_execute_loses_nothing(airflow_services, tmp_pat
     finally:
         stop.touch()
         out, _ = loop.communicate(timeout=180)
-    report = json.loads(out.rsplit(RESULT, 1)[1])
+    report = json.loads(
+        next(line for line in out.splitlines() if line.startswith(RESULT)).removeprefix(RESULT)
+    )
     assert report["sweeps"] >= 3 and report["statuses"] == [0], report
     task_logs = [p for p in (airflow_services.home / "logs").rglob("*.log") if "gc_under_load" in str(p)]
     assert task_logs and not [p for p in task_logs if "Restored the output" in p.read_text()]
