@@ -6,6 +6,10 @@
     $ airflow-ray cluster status    # address, resources, object store use, owner actors
     $ airflow-ray cluster stop
     $ airflow-ray gc                # free objects of deleted runs / cleared XComs, expire checkpoints
+
+``gc`` is safe to run while DAG runs execute: it never frees what is younger than
+``[ray] gc_grace_seconds`` or belongs to an unfinished task or run, and it deletes checkpoints only
+under bases this deployment marked as its own (see :mod:`airflow_ray.retention`).
 """
 
 from __future__ import annotations
@@ -26,14 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     cluster_parser = sub.add_parser("cluster", help="the embedded local Ray cluster")
     cluster_parser.add_argument("action", choices=["start", "stop", "status"])
     cluster_parser.add_argument("--json", action="store_true", help="machine-readable status")
-    gc_parser = sub.add_parser("gc", help="free Ray objects whose XCom rows are gone (needs the metadata DB)")
+    gc_parser = sub.add_parser(
+        "gc",
+        help="free Ray objects whose XCom rows are gone, expire checkpoints (needs the metadata DB; "
+        "safe while DAG runs execute: see [ray] gc_grace_seconds)",
+    )
     gc_parser.add_argument("--dry-run", action="store_true", help="only count what would be freed")
     gc_parser.add_argument(
         "--checkpoints",
         action="append",
         default=[],
         metavar="URI",
-        help="also expire checkpoints under this base (repeatable; [ray] checkpoint_path is always included)",
+        help="also expire checkpoints under this base (repeatable; [ray] checkpoint_path is always included; "
+        "only a base this deployment wrote checkpoints to, which carries its marker, is touched)",
     )
     gc_parser.add_argument("--checkpoint-source", help="connection id with the credentials for --checkpoints")
     args = parser.parse_args(argv)
@@ -43,26 +52,42 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _gc(*, dry_run: bool, bases: list[str], source: str | None) -> int:
+    """Exit status 1 when a base was refused (not this deployment's) or something could not be
+    freed or deleted (logged); everything else was still swept."""
     from airflow_ray import checkpoint, config, retention
     from airflow_ray.hooks import RayHook
 
     RayHook(config.xcom_conn_id()).connect()  # the connection the XCom backend stores objects through
     counts = retention.collect(dry_run=dry_run)
     verb = "would free" if dry_run else "freed"
-    print(f"{verb} {counts['freed']} Ray objects whose XCom rows are gone; kept {counts['kept']}")
+    print(
+        f"{verb} {counts['freed']} Ray objects whose XCom rows are gone; "
+        f"kept {counts['kept']}{_failed(counts)}"
+    )
+    status = 1 if counts["failed"] else 0
     if default_base := config.checkpoint_path():
         bases = [default_base, *bases]
     for base in dict.fromkeys(bases):
         options = checkpoint.storage_options_for(base, source)
-        result = retention.expire_checkpoints(
-            base, options, retention_seconds=config.checkpoint_retention_seconds(), dry_run=dry_run
-        )
+        try:
+            result = retention.expire_checkpoints(
+                base, options, retention_seconds=config.checkpoint_retention_seconds(), dry_run=dry_run
+            )
+        except checkpoint.CheckpointBaseError as exc:
+            print(exc, file=sys.stderr)
+            status = 1
+            continue
         verb = "would delete" if dry_run else "deleted"
         print(
             f"{verb} checkpoints of {result['deleted']} deleted or expired runs under {base}; "
-            f"kept {result['kept']}"
+            f"kept {result['kept']}{_failed(result)}"
         )
-    return 0
+        status = 1 if result["failed"] else status
+    return status
+
+
+def _failed(counts: dict[str, int]) -> str:
+    return f"; {counts['failed']} failed (see the log)" if counts["failed"] else ""
 
 
 def _cluster(action: str, *, as_json: bool) -> int:

@@ -124,6 +124,14 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "example": "604800",
         "default": "604800",
     },
+    "gc_grace_seconds": {
+        "description": "``airflow-ray gc`` never frees an object nor deletes a checkpoint younger "
+        "than this: an output is registered before its XCom row is written, and a checkpoint is "
+        "written file by file. Keep it longer than any task takes to push its outputs.",
+        "type": "integer",
+        "example": "600",
+        "default": "600",
+    },
     "preload_in_scheduler": {
         "description": "Import Ray in the scheduler before a LocalExecutor forks its workers, so "
         "every task process they fork starts with Ray imported (about 1 s less per Ray task). Only "
@@ -278,6 +286,11 @@ def checkpoint_allow_pickle() -> bool:
 @_accessor
 def checkpoint_retention_seconds() -> int:
     return _get_int("checkpoint_retention_seconds")
+
+
+@_accessor
+def gc_grace_seconds() -> int:
+    return _get_int("gc_grace_seconds")
 
 
 @_accessor

@@ -191,8 +191,10 @@ def persist(
     produced it (``node_id``), so the data goes from the object store to storage without passing
     through this process. One directory per task instance (``<base>/<dag>/<run>/<task>/<map_index>/``,
     one subdirectory per key of ``multiple_outputs``) with stable names: a retry overwrites, never
-    piles up. Returns the references with their ``checkpoint_uri`` and the checkpoint's format
-    and digest (its manifest's checksum), which a restore holds the manifest to (:func:`recover`).
+    piles up. The first write under a base marks it as this deployment's, and a base another
+    deployment marked is refused (:func:`airflow_ray.checkpoint.claim_base`). Returns the
+    references with their ``checkpoint_uri`` and the checkpoint's format and digest (its
+    manifest's checksum), which a restore holds the manifest to (:func:`recover`).
     ``[ray] checkpoint_allow_pickle = False`` makes an output that only pickle can hold fail here.
     """
     import ray
@@ -215,12 +217,17 @@ def persist(
         else dataclasses.replace(base, uri=f"{base.uri}{path_component(key)}/")
         for key in references
     }
+    claimant = deployment.current().id
     write: Any = ray.remote(checkpoint.write_checkpoint).options(num_cpus=0, **_near(node_id))
     allow_pickle = config.checkpoint_allow_pickle()
     manifests = ray.get(
         [
             write.remote(
-                refs[key], locations[key], blocks=bool(ref.summary.get("dataset")), allow_pickle=allow_pickle
+                refs[key],
+                locations[key],
+                blocks=bool(ref.summary.get("dataset")),
+                allow_pickle=allow_pickle,
+                deployment=claimant,
             )
             for key, ref in references.items()
         ]

@@ -100,7 +100,8 @@ def airflow_services(ray_cluster, tmp_path_factory):
     from tests.services import airflow_services as start
 
     examples = TESTS.parent / "examples" / "dags"
-    dag_files = [TESTS / "dags" / "cross_process.py", *(examples / f"{name}.py" for name in EXAMPLE_DAGS)]
+    dags = [TESTS / "dags" / f"{name}.py" for name in ("cross_process", "gc_under_load")]
+    dag_files = [*dags, *(examples / f"{name}.py" for name in EXAMPLE_DAGS)]
     with start(tmp_path_factory.mktemp("airflow-services"), dag_files) as services:
         yield services
 

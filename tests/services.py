@@ -137,6 +137,10 @@ def airflow_services(
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
         "AIRFLOW__API_AUTH__JWT_SECRET": "local-services-test-secret",
+        # One key for every process: the services start together and would each generate their
+        # own while writing airflow.cfg, so a Variable another process wrote (the deployment
+        # secret, written by ``airflow-ray gc`` on a fresh deployment) would not decrypt.
+        "AIRFLOW__CORE__FERNET_KEY": "Ovaqs7LUPZZjJlRCugetKR1FxSovdWQDsWgIp36-5H8=",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
         "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",

@@ -11,6 +11,7 @@ import datetime
 import decimal
 import hashlib
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -545,21 +546,30 @@ def test_delete_checkpoint_and_run(tmp_path):
 
 
 def test_list_run_checkpoints_finds_each_run_with_its_newest_write(tmp_path):
+    """A run is as old as its newest file or directory, manifest or not (a write in progress)."""
     base = tmp_path.as_uri()
     run_id = "manual__2024-01-01T00:00:00+00:00"
+    run_dir = tmp_path / "d" / checkpoint.path_component(run_id)
     write_checkpoint([1], CheckpointLocation(checkpoint_uri(base, dag_id="d", run_id=run_id, task_id="a")))
-    newest = write_checkpoint(
-        [2], CheckpointLocation(checkpoint_uri(base, dag_id="d", run_id=run_id, task_id="b"))
-    )
-    (tmp_path / "e" / "interrupted" / "t" / "-1").mkdir(parents=True)  # no manifest yet
+    write_checkpoint([2], CheckpointLocation(checkpoint_uri(base, dag_id="d", run_id=run_id, task_id="b")))
+    for n, path in enumerate(sorted(run_dir.rglob("*"))):
+        os.utime(path, (1_700_000_000 + n, 1_700_000_000 + n))
+    os.utime(run_dir, (1_600_000_000, 1_600_000_000))
+    interrupted = tmp_path / "e" / "interrupted"
+    (interrupted / "t" / "-1").mkdir(parents=True)  # no manifest yet
+    for path in (interrupted, interrupted / "t", interrupted / "t" / "-1"):
+        os.utime(path, (1_700_000_500, 1_700_000_500))
 
     runs = {(run.dag, run.run): run for run in checkpoint.list_run_checkpoints(base)}
     assert set(runs) == {("d", checkpoint.path_component(run_id)), ("e", "interrupted")}
     found = runs["d", checkpoint.path_component(run_id)]
-    assert found.newest_written == datetime.datetime.fromisoformat(newest["created_at"])
-    assert runs["e", "interrupted"].newest_written is None
+    newest = 1_700_000_000 + len(list(run_dir.rglob("*"))) - 1
+    assert found.newest_written == datetime.datetime.fromtimestamp(newest, datetime.UTC)
+    assert runs["e", "interrupted"].newest_written == datetime.datetime.fromtimestamp(
+        1_700_000_500, datetime.UTC
+    )
     delete_checkpoint(found.uri)
-    assert not (tmp_path / "d" / checkpoint.path_component(run_id)).exists()
+    assert not run_dir.exists()
     assert list(checkpoint.list_run_checkpoints((tmp_path / "nothing").as_uri())) == []
 
 

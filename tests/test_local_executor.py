@@ -101,11 +101,75 @@ def test_clear_rerun_and_delete_return_the_object_store_to_baseline(airflow_serv
         conn.execute("delete from dag_run where run_id='xp2'")
     subprocess.run(
         [sys.executable, "-m", "airflow_ray.cli", "gc"],
-        env=airflow_services.env,
+        env={**airflow_services.env, "AIRFLOW__RAY__GC_GRACE_SECONDS": "0"},  # the run just ended
         check=True,
         capture_output=True,
     )
     wait(lambda: used() <= baseline + run_bytes // 8, "the deleted run's objects to be freed", 30)
+
+
+def test_gc_in_a_loop_while_runs_execute_loses_nothing(airflow_services, tmp_path):
+    """``airflow-ray gc`` sweeping over and over, without a grace period, while four runs execute
+    (issue 13, item 4): every consumer gets its own run's data from memory (no output had to be
+    restored from its checkpoint), and the loop still frees what a deleted run leaves."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from airflow_ray.hooks import RayHook
+    from tests.conftest import TESTS
+    from tests.scripts.gc_loop import RESULT
+    from tests.services import wait
+
+    base, stop = tmp_path / "checkpoints", tmp_path / "stop"
+    loop = subprocess.Popen(
+        [sys.executable, str(TESTS / "scripts" / "gc_loop.py"), str(stop), "--checkpoints", base.as_uri()],
+        env={**airflow_services.env, "AIRFLOW__RAY__GC_GRACE_SECONDS": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert loop.stdout is not None
+        for line in loop.stdout:  # Airflow logs to stdout too
+            if line.strip() == "READY":
+                break
+        airflow_services.wait_for_dag("gc_under_load")
+        runs = [f"gc-load-{n}" for n in range(4)]
+        for run in runs:
+            body = {"dag_run_id": run, "logical_date": None, "conf": {"base": base.as_uri()}}
+            airflow_services.api("POST", "dags/gc_under_load/dagRuns", body)
+        for run in runs:
+            airflow_services.wait_for_run("gc_under_load", run)  # fails if a consumer's check failed
+            assert airflow_services.xcom("gc_under_load", run, "consume") == 5
+            assert airflow_services.xcom("gc_under_load", run, "consume_on_ray") == 5
+
+        # The loop is no idle bystander: a deleted run's objects and checkpoints go.
+        RayHook().connect()
+        owner = ray.get_actor(
+            airflow_services.xcom("gc_under_load", runs[0], "produce", key="a")["owner"], "airflow_ray"
+        )
+        run_dirs = {p.name for p in (base / "gc_under_load").iterdir()}
+        with sqlite3.connect(airflow_services.db, timeout=30) as conn:
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("delete from dag_run where run_id=?", (runs[0],))
+
+        def freed() -> bool:
+            return not [e for e in ray.get(owner.entries.remote()) if e["key"][1] == runs[0]]
+
+        wait(freed, "the deleted run's objects to be freed by the loop", 60)
+        wait(
+            lambda: len(list((base / "gc_under_load").iterdir())) == len(run_dirs) - 1, "its checkpoints", 60
+        )
+    finally:
+        stop.touch()
+        out, _ = loop.communicate(timeout=180)
+    report = json.loads(
+        next(line for line in out.splitlines() if line.startswith(RESULT)).removeprefix(RESULT)
+    )
+    assert report["sweeps"] >= 3 and report["statuses"] == [0], report
+    task_logs = [p for p in (airflow_services.home / "logs").rglob("*.log") if "gc_under_load" in str(p)]
+    assert task_logs and not [p for p in task_logs if "Restored the output" in p.read_text()]
 
 
 def test_a_reference_edited_through_the_rest_api_is_refused(airflow_services, xp1):

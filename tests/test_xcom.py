@@ -224,7 +224,7 @@ def test_deleted_run_is_garbage_collected(run_dag, ray_cluster):
     assert produced in _object_ids(owner, result.dag_id)
     with create_session() as session:  # what deleting the run in the UI does
         session.query(DagRun).filter_by(dag_id=result.dag_id, run_id=result.run_id).delete()
-    counts = retention.collect()
+    counts = retention.collect(grace_seconds=0)  # the run just ended: no grace period here
     assert counts["freed"] >= 1
     assert produced not in _object_ids(owner, result.dag_id)
 

@@ -26,7 +26,8 @@ Two halves with different homes:
   They import Airflow inside the functions that need it, so importing this package does not.
   (Running the writes on Ray for a task's outputs is :func:`airflow_ray.outputs.persist`.)
 * The worker side, :mod:`airflow_ray._worker.checkpoint`, re-exported here: :func:`write_checkpoint`,
-  :func:`read_checkpoint` and the list and delete helpers run on a Ray worker next to the data,
+  :func:`read_checkpoint` and the list and delete helpers run on a Ray worker next to the data
+  (the base marker, :func:`claim_base` / :func:`check_base`, says which deployment owns a base),
   so a 1 GB output never passes through the Airflow process. They travel to Ray by value and need
   fsspec (plus s3fs/gcsfs for those stores), pyarrow, numpy/pandas for those types, never Airflow.
 
@@ -38,9 +39,11 @@ from __future__ import annotations
 
 from airflow_ray._api import deprecated_aliases, public_api
 from airflow_ray._worker.checkpoint import (
+    BASE_MARKER,
     CHECKSUM_ALGORITHM,
     MANIFEST_FORMAT_VERSION,
     MANIFEST_NAME,
+    CheckpointBaseError,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointLocation,
@@ -48,7 +51,9 @@ from airflow_ray._worker.checkpoint import (
     CheckpointNotFoundError,
     CheckpointTimeoutError,
     RunCheckpoints,
+    check_base,
     checkpoint_uri,
+    claim_base,
     delete_checkpoint,
     delete_run_checkpoints,
     list_run_checkpoints,
@@ -64,6 +69,7 @@ from airflow_ray.checkpoint.location import resolve_checkpoint_location, storage
 for _public in (
     CheckpointLocation,
     CheckpointError,
+    CheckpointBaseError,
     CheckpointCorruptError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -75,14 +81,18 @@ for _public in (
     delete_checkpoint,
     delete_run_checkpoints,
     list_run_checkpoints,
+    claim_base,
+    check_base,
     resolve_checkpoint_location,
 ):
     public_api("beta")(_public)
 
 __all__ = [
+    "BASE_MARKER",
     "CHECKSUM_ALGORITHM",
     "MANIFEST_FORMAT_VERSION",
     "MANIFEST_NAME",
+    "CheckpointBaseError",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointLocation",
@@ -90,7 +100,9 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointTimeoutError",
     "RunCheckpoints",
+    "check_base",
     "checkpoint_uri",
+    "claim_base",
     "delete_checkpoint",
     "delete_run_checkpoints",
     "list_run_checkpoints",

@@ -64,7 +64,9 @@ def resolve_checkpoint_location(
     base = normalize_base(base)
     options = _options(conn, base)
     uri = checkpoint_uri(base, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index)
-    return CheckpointLocation(uri=uri, storage_options=options, producer={"airflow_ray": __version__})
+    return CheckpointLocation(
+        uri=uri, storage_options=options, producer={"airflow_ray": __version__}, base=base
+    )
 
 
 def storage_options_for(uri: str, conn_id: str | None) -> dict[str, Any]:

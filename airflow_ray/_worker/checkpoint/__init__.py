@@ -9,11 +9,13 @@ not airflow-ray. One concept per module:
 * :mod:`.paths`: where a checkpoint lives (:class:`CheckpointLocation`, directory names).
 * :mod:`.formats`: how a value is stored (Parquet, Arrow IPC, ``.npy``, cloudpickle).
 * :mod:`.manifest`: the manifest that makes a directory a complete checkpoint.
+* :mod:`.marker`: the marker that says which deployment owns a base (gc deletes only there).
 * :mod:`.streams`: streaming in large blocks, checksummed on the way.
 * :mod:`.filesystem`: the fsspec operations used; :mod:`.errors`: what is raised.
 """
 
 from .errors import (
+    CheckpointBaseError,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
@@ -30,13 +32,16 @@ from .io import (
     write_checkpoint,
 )
 from .manifest import MANIFEST_FORMAT_VERSION, MANIFEST_NAME
+from .marker import BASE_MARKER, check_base, claim_base
 from .paths import CheckpointLocation, checkpoint_uri, normalize_base, path_component
 from .streams import CHECKSUM_ALGORITHM
 
 __all__ = [
+    "BASE_MARKER",
     "CHECKSUM_ALGORITHM",
     "MANIFEST_FORMAT_VERSION",
     "MANIFEST_NAME",
+    "CheckpointBaseError",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointLocation",
@@ -44,7 +49,9 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointTimeoutError",
     "RunCheckpoints",
+    "check_base",
     "checkpoint_uri",
+    "claim_base",
     "delete_checkpoint",
     "delete_run_checkpoints",
     "list_run_checkpoints",

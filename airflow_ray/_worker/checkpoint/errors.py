@@ -80,3 +80,7 @@ class CheckpointMismatchError(CheckpointError):
     after that write (by a later write outside Airflow, or by someone with write access to the
     store), and its data is not read.
     """
+
+
+class CheckpointBaseError(CheckpointError):
+    """The checkpoint base is not this deployment's (:mod:`.marker`): nothing is written or deleted."""

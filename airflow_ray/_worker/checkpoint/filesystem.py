@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -49,3 +50,23 @@ def subdirectories(fs: AbstractFileSystem, path: str) -> list[str]:
     except FileNotFoundError:
         return []
     return [e["name"].rstrip("/") for e in entries if e["type"] == "directory"]
+
+
+#: Where fsspec implementations put a path's modification time in ``info``/``find(detail=True)``:
+#: local (``mtime``, epoch seconds), s3fs (``LastModified``), adlfs (``last_modified``), gcsfs
+#: (``updated``, ISO 8601).
+_MODIFIED_KEYS = ("mtime", "LastModified", "last_modified", "updated")
+
+
+def modified_at(info: dict[str, Any]) -> datetime.datetime | None:
+    """A path's modification time (UTC) from its fsspec ``info``; None when the store gives none
+    (object stores have no time for a "directory" that is only a prefix)."""
+    for key in _MODIFIED_KEYS:
+        value = info.get(key)
+        if isinstance(value, int | float):
+            return datetime.datetime.fromtimestamp(value, datetime.UTC)
+        if isinstance(value, str):
+            value = datetime.datetime.fromisoformat(value)
+        if isinstance(value, datetime.datetime):
+            return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+    return None

@@ -11,26 +11,33 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import streams
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError, translate_timeouts
-from .filesystem import display, is_local, open_fs, remove_quietly, remove_tree, subdirectories
+from .filesystem import display, is_local, modified_at, open_fs, remove_quietly, remove_tree, subdirectories
 from .formats import PICKLE, READERS, plan
 from .manifest import DATA_FILES, MANIFEST_NAME, load_manifest, new_manifest, save_manifest, type_name
+from .marker import claim_base
 from .paths import CheckpointLocation, normalize_base, run_uri
 from .streams import expected_checksum
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from fsspec import AbstractFileSystem
+
+T = TypeVar("T")
 
 
 @translate_timeouts("Writing the checkpoint", "location")
 def write_checkpoint(
-    value: Any, location: CheckpointLocation, *, blocks: bool = False, allow_pickle: bool = True
+    value: Any,
+    location: CheckpointLocation,
+    *,
+    blocks: bool = False,
+    allow_pickle: bool = True,
+    deployment: str | None = None,
 ) -> dict[str, Any]:
     """Write ``value`` as a checkpoint at ``location`` and return its manifest.
 
@@ -38,7 +45,11 @@ def write_checkpoint(
     to Arrow tables): it is written as one table, and restored as a one-block dataset. Without
     ``allow_pickle`` a value that only pickle can hold is refused before anything is written.
     The manifest's ``format`` and ``checksum`` are what a reader passes back to
-    :func:`read_checkpoint` as ``expected_format`` / ``expected_digest``.
+    :func:`read_checkpoint` as ``expected_format`` / ``expected_digest``. With ``deployment`` (an
+    Airflow deployment id), the write first claims ``location.base`` for that deployment
+    (:func:`.marker.claim_base`): the first write leaves the marker that lets ``airflow-ray gc``
+    expire checkpoints there, and a base another deployment claimed is refused before anything
+    is written (:class:`~.errors.CheckpointBaseError`).
 
     The data streams to the store in large blocks and is checksummed on the way, so a 1 GB output
     is never copied whole in memory nor read back. Order makes it safe to retry: the old manifest
@@ -53,6 +64,12 @@ def write_checkpoint(
         import ray
 
         value = pa.concat_tables(ray.get(list(value)))
+    if deployment is not None:
+        if location.base is None:
+            raise ValueError(
+                f"Cannot claim the base of {location.uri} for {deployment!r}: location.base is unset"
+            )
+        claim_base(location.base, location.storage_options, deployment)
     fs, dir_path = open_fs(location.uri, location.storage_options)
     value_plan = plan(value)
     if value_plan.format == PICKLE and not allow_pickle:
@@ -181,24 +198,50 @@ class RunCheckpoints:
     dag: str
     run: str
     newest_written: datetime.datetime | None
-    """``created_at`` of the newest manifest below it; None when it holds no complete checkpoint."""
+    """When anything below it was last written: the newest modification time of its files and
+    directories, so a checkpoint still being written (no manifest yet) counts as just written.
+    None only when the store reports no time for any of them."""
 
 
 def list_run_checkpoints(
-    base_uri: str, storage_options: dict[str, Any] | None = None
+    base_uri: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    on_error: Callable[[str, Exception], None] | None = None,
 ) -> Iterator[RunCheckpoints]:
-    """Every run directory under ``base_uri`` with the age of its newest checkpoint (retention)."""
+    """Every run directory under ``base_uri`` with when it was last written (retention).
+
+    A directory that cannot be read (a permission error, a flaky store) goes to
+    ``on_error(uri, exception)`` and is skipped, as :func:`os.walk` does, so one bad run does not
+    hide the others; without ``on_error`` the error is raised. A directory whose files change
+    while it is listed (a file vanishes between listing and ``stat``) is being written or deleted
+    right now: it is skipped quietly, not judged.
+    """
     fs, root = open_fs(base_uri, storage_options or {})
+    fs.invalidate_cache(root)  # a long-lived process lists the same base again later
     base = normalize_base(base_uri)
+
+    def reading(uri: str, read: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        try:
+            return read(*args, **kwargs)
+        except FileNotFoundError:  # it changed while listed: a retry's write, a concurrent delete
+            return None
+        except Exception as exc:
+            if on_error is None:
+                raise
+            on_error(uri, exc)
+            return None
+
     for dag_path in subdirectories(fs, root):
-        for run_path in subdirectories(fs, dag_path):
-            written = [
-                datetime.datetime.fromisoformat(json.loads(fs.cat_file(path))["created_at"])
-                for path in fs.find(run_path)
-                if path.endswith("/" + MANIFEST_NAME)
-            ]
-            dag, run = dag_path.rsplit("/", 1)[-1], run_path.rsplit("/", 1)[-1]
-            yield RunCheckpoints(f"{base}/{dag}/{run}/", dag, run, max(written, default=None))
+        dag = dag_path.rsplit("/", 1)[-1]
+        for run_path in reading(f"{base}/{dag}/", subdirectories, fs, dag_path) or []:
+            run = run_path.rsplit("/", 1)[-1]
+            uri = f"{base}/{dag}/{run}/"
+            found = reading(uri, fs.find, run_path, withdirs=True, detail=True)
+            if found is None:
+                continue
+            times = [t for info in found.values() if (t := modified_at(info)) is not None]
+            yield RunCheckpoints(uri, dag, run, max(times, default=None))
 
 
 _PICKLE_FORBIDDEN = (

@@ -26,7 +26,8 @@ class CheckpointLocation:
     logs), out of equality and hashing; store only ``uri`` in XCom or the metadata DB, never the
     whole object. ``producer`` names the code that writes the checkpoint (``{"airflow_ray":
     "0.1.0"}``) for its manifest: the worker runs airflow-ray's code shipped by value, so only the
-    Airflow side knows that version.
+    Airflow side knows that version. ``base`` is the base URI the checkpoint lives under, when
+    known: a write that claims the base for its deployment (:mod:`.marker`) needs it.
 
     >>> loc = CheckpointLocation("s3://bucket/ckpt/d/r/t/-1/", {"secret": "hunter2"})
     >>> loc
@@ -38,6 +39,7 @@ class CheckpointLocation:
         default_factory=dict, repr=False, compare=False, hash=False
     )
     producer: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False, hash=False)
+    base: str | None = dataclasses.field(default=None, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not self.uri.endswith("/"):
