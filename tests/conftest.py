@@ -48,6 +48,8 @@ from tests import helpers  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        return  # the xdist controller runs no test: only its workers need a metadata DB
     subprocess.run(
         [sys.executable, "-m", "airflow", "db", "migrate"],
         check=True,
@@ -55,6 +57,18 @@ def pytest_configure(config: pytest.Config) -> None:
         env=os.environ,
     )
     shutil.copyfile(HOME / "airflow.db", MIGRATED_DB)
+
+
+#: Test files that share a session fixture too costly to start twice (the Airflow services,
+#: ~45 s) run on the same xdist worker; every other file is a group of its own (its module
+#: fixtures are set up once). ``scripts/test`` runs two workers (``--dist loadgroup``), each with
+#: its own Airflow home and Ray head.
+_SHARED_WORKER = {"test_local_executor.py": "airflow_services", "test_ui.py": "airflow_services"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_SHARED_WORKER.get(item.path.name, item.path.name)))
 
 
 def new_airflow_home(home: Path) -> Path:
