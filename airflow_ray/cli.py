@@ -6,6 +6,7 @@
     $ airflow-ray cluster status    # address, resources, object store use, owner actors
     $ airflow-ray cluster stop
     $ airflow-ray gc                # free objects of deleted runs / cleared XComs, expire checkpoints
+    $ airflow-ray deployment        # this deployment's id; creates its identity before the first run
 
 ``gc`` is safe to run while DAG runs execute: it never frees what is younger than
 ``[ray] gc_grace_seconds`` or belongs to an unfinished task or run, and it deletes checkpoints only
@@ -45,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         "only a base this deployment wrote checkpoints to, which carries its marker, is touched)",
     )
     gc_parser.add_argument("--checkpoint-source", help="connection id with the credentials for --checkpoints")
+    sub.add_parser(
+        "deployment",
+        help="print this Airflow deployment's id on shared Ray clusters, creating its secret (the "
+        "Airflow Variable airflow_ray_deployment_secret) if there is none (needs the metadata DB)",
+    )
     args = parser.parse_args(argv)
+    if args.group == "deployment":
+        return _deployment()
     if args.group == "gc":
         return _gc(dry_run=args.dry_run, bases=args.checkpoints, source=args.checkpoint_source)
     return _cluster(args.action, as_json=args.json)
@@ -84,6 +92,17 @@ def _gc(*, dry_run: bool, bases: list[str], source: str | None) -> int:
         )
         status = 1 if result["failed"] else status
     return status
+
+
+def _deployment() -> int:
+    """Print this deployment's id, creating its secret first if there is none: run once before
+    the first DAG run, and no two tasks of a new deployment race to create it."""
+    from airflow_ray import deployment
+
+    me, created = deployment.init()
+    state = "created" if created else "set"
+    print(f"deployment id: {me.id} (Airflow Variable {deployment.VARIABLE}: {state})")
+    return 0
 
 
 def _failed(counts: dict[str, int]) -> str:

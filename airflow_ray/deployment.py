@@ -11,7 +11,7 @@ Both come from one secret that lives where Airflow keeps secrets, in the metadat
 
 * the Airflow Variable ``airflow_ray_deployment_secret`` (masked in the UI and logs because of
   its name; a secrets backend or ``AIRFLOW_VAR_AIRFLOW_RAY_DEPLOYMENT_SECRET`` may provide it
-  instead). It is created on first use, or ahead of time with ``airflow-ray deployment init``;
+  instead). It is created on first use, or ahead of time with ``airflow-ray deployment``;
 * the deployment id is ``[ray] deployment_id`` when set, else derived from the secret (a hash:
   stable for as long as the metadata DB is, and saying nothing about the secret).
 
@@ -84,7 +84,7 @@ def _secret() -> str:
 
     Two tasks of a brand-new deployment may both find no secret and both create one; each reads
     the Variable back after writing and uses what is stored, which narrows the race to the
-    moment between the two writes. ``airflow-ray deployment init`` (or a secrets backend)
+    moment between the two writes. ``airflow-ray deployment`` (or a secrets backend)
     avoids it altogether.
     """
     value = _read_secret()
@@ -99,8 +99,8 @@ def _secret() -> str:
     if value is None or not _SECRET_PATTERN.fullmatch(value):
         raise ValueError(
             f"The Airflow Variable {VARIABLE} must hold 64 hex characters (32 random bytes); "
-            "delete it to have airflow-ray create a new one (outputs signed with the old one "
-            "become unreadable), or set it with `airflow-ray deployment init`."
+            "delete it and run `airflow-ray deployment` to create a new one (outputs signed with "
+            "the old one become unreadable)."
         )
     return value
 

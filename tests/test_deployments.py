@@ -79,3 +79,64 @@ def test_an_edited_reference_is_refused_by_every_consumer(run_dag, capfd):
         f", run '{result.run_id}', key 'return_value' does not carry a valid signature"
     )
     assert text.count(refusal) >= 2, text[-5000:]  # both consumers, before touching Ray or storage
+
+
+def test_deployment_command_creates_the_identity_once(tmp_path):
+    home = new_airflow_home(tmp_path / "new-deployment")
+    twice = "from airflow_ray.cli import main; main(['deployment']); main(['deployment'])"
+    proc = subprocess.run(
+        [sys.executable, "-c", twice],
+        env={**os.environ, "AIRFLOW_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("deployment id: ")]
+    assert proc.returncode == 0 and len(lines) == 2, proc.stdout + proc.stderr
+    first, second = lines
+    assert first.endswith("airflow_ray_deployment_secret: created)")
+    assert second.endswith("airflow_ray_deployment_secret: set)")
+    assert first.split()[2] == second.split()[2]  # the same id
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        pytest.param(
+            {"AIRFLOW__RAY__DEPLOYMENT_ID": "Prod Team"},
+            "[ray] deployment_id is 'Prod Team': a deployment id is 1-40 characters",
+            id="bad-deployment-id",
+        ),
+        pytest.param(
+            {"AIRFLOW_VAR_AIRFLOW_RAY_DEPLOYMENT_SECRET": "not-hex"},
+            "The Airflow Variable airflow_ray_deployment_secret must hold 64 hex characters",
+            id="bad-secret",
+        ),
+    ],
+)
+def test_a_bad_identity_is_a_clear_error(monkeypatch, env, message):
+    from airflow_ray import config, deployment
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config.clear_caches()
+    try:
+        with pytest.raises(ValueError) as error:
+            deployment.current()
+        assert message in str(error.value)
+    finally:
+        monkeypatch.undo()
+        config.clear_caches()
+
+
+def test_a_configured_deployment_id_names_the_owners(monkeypatch):
+    from airflow_ray import config, owners
+
+    monkeypatch.setenv("AIRFLOW__RAY__DEPLOYMENT_ID", "staging-2")
+    config.clear_caches()
+    try:
+        names = owners.owner_names()
+        assert [owners.parse_owner_name(name).deployment for name in names] == ["staging-2"] * len(names)
+    finally:
+        monkeypatch.undo()
+        config.clear_caches()
