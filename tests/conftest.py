@@ -66,6 +66,7 @@ def pytest_configure(config: pytest.Config) -> None:
 _SHARED_WORKER = {"test_local_executor.py": "airflow_services", "test_ui.py": "airflow_services"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(pytest.mark.xdist_group(_SHARED_WORKER.get(item.path.name, item.path.name)))
