@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 TESTS = Path(__file__).resolve().parent
 HOME = Path(tempfile.mkdtemp(prefix="airflow-ray-tests-"))
@@ -60,16 +61,26 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 #: Test files that share a session fixture too costly to start twice (the Airflow services,
-#: ~45 s) run on the same xdist worker; every other file is a group of its own (its module
-#: fixtures are set up once). ``scripts/test`` runs two workers (``--dist loadgroup``), each with
-#: its own Airflow home and Ray head.
+#: ~45 s) run on the same xdist worker; every other file is a unit of its own, so its module
+#: fixtures are set up once. ``scripts/test`` runs two workers, each with its own Airflow home
+#: and Ray head.
 _SHARED_WORKER = {"test_local_executor.py": "airflow_services", "test_ui.py": "airflow_services"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_SHARED_WORKER.get(item.path.name, item.path.name)))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Hand out whole test files (or the group of files above) to the xdist workers.
+
+    Not ``--dist loadgroup`` with marks: xdist 3.8 tags a test's group onto ``item._nodeid``,
+    which pytest 9.2 no longer reads, so the groups are silently ignored.
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class _ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return _SHARED_WORKER.get(Path(path).name, path)
+
+    return _ByFile(config, log)
 
 
 def new_airflow_home(home: Path) -> Path:
