@@ -20,6 +20,7 @@ import ray
 import xxhash
 
 from airflow_ray import config
+from airflow_ray.checkpoint import BASE_MARKER
 from airflow_ray.exceptions import RayObjectLostError
 from airflow_ray.owners import forget_owners, get_owner, owner_name
 from tests import helpers
@@ -140,7 +141,12 @@ def test_a_key_with_dots_and_slashes_stays_in_its_task_directory(run_dag, tmp_pa
     result = run_dag(checkpointed.checkpoint_traversal_dag, run_conf={"base": base.as_uri()})
     assert result.states["produce"] == "failed"  # after the checkpoints were written
     (task_dir,) = base.glob("checkpoint_traversal/*/produce/-1")
-    files = {path.relative_to(task_dir).as_posix() for path in tmp_path.rglob("*") if path.is_file()}
+    assert (base / BASE_MARKER).is_file()  # the one file outside a task directory: gc's marker
+    files = {
+        path.relative_to(task_dir).as_posix()
+        for path in tmp_path.rglob("*")
+        if path.is_file() and path.name != BASE_MARKER
+    }
     assert files == {
         f"{SANITISED_KEY}/data.npy",
         f"{SANITISED_KEY}/manifest.json",
