@@ -67,6 +67,28 @@ def pytest_configure(config: pytest.Config) -> None:
 _SHARED_WORKER = {"test_local_executor.py": "airflow_services", "test_ui.py": "airflow_services"}
 
 
+#: The files that take longest (``scripts/test`` prints the slowest tests), started first so that
+#: the two workers end together instead of one waiting on a long file handed out last.
+_LONGEST_FIRST = (
+    "test_local_executor.py",
+    "test_ui.py",
+    "test_higgs_dags.py",
+    "test_deployments.py",
+    "test_serve.py",
+    "test_checkpoint_restore.py",
+    "test_tracking.py",
+    "test_higgs_notebook.py",
+    "test_higgs_tune.py",
+    "test_multinode.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest files first (a stable sort: tests keep their order within a file)."""
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Hand out whole test files (or the group of files above) to the xdist workers.
 
