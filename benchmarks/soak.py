@@ -117,10 +117,11 @@ def _soak(env: dict[str, str], home: Path, args: argparse.Namespace) -> dict[str
                 candidates = list(finished)
             if len(candidates) >= 2:
                 victim, rerun = rng.sample(candidates, 2)
-                _delete_run(victim)
-                with lock:
+                with lock:  # neither is picked again: one is gone, the other runs again
                     finished.remove(victim)
+                    finished.remove(rerun)
                     seeds.pop(victim)
+                _delete_run(victim)
                 results["deleted"] += 1
                 _clear_run(rerun)  # the scheduler re-runs it; its consumers check it again
                 results["cleared"] += 1
