@@ -53,9 +53,9 @@ def test_two_deployments_on_one_cluster_never_see_each_others_outputs(ray_cluste
     homes = {value: new_airflow_home(tmp_path / f"deployment-{value}") for value in (1, 2)}
     runs = {value: _deployment(home, "run", str(value)) for value, home in homes.items()}
 
-    pass
+    assert runs[1]["deployment"] != runs[2]["deployment"]
     assert runs[1]["run_id"] == runs[2]["run_id"]  # same DAG, run and task ids
-    pass
+    assert runs[1]["owner"] != runs[2]["owner"]
     for value, run in runs.items():
         assert set(run["states"].values()) == {"success"}, run["states"]
         assert run["consume"] == run["consume_on_ray"] == [value, value * 10]
