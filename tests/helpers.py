@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,14 @@ class MarkerPayload:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (open, (self.marker, "w"))
+
+
+def script_report(proc: subprocess.CompletedProcess[str], prefix: str) -> Any:
+    """The JSON a ``tests/scripts`` process printed last as ``<prefix>=<json>``; fails with the
+    process's output when it exited non-zero or printed none."""
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(f"{prefix}=")]
+    assert proc.returncode == 0 and lines, f"{proc.stdout[-5000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(lines[-1].removeprefix(f"{prefix}="))
 
 
 def kill_cluster(temp_dir: str, address: str) -> None:

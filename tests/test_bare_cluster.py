@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TESTS
-from tests.helpers import kill_cluster
+from tests.helpers import kill_cluster, script_report
 
 pytestmark = pytest.mark.slow
 
@@ -96,9 +96,7 @@ def test_ray_tasks_checkpoints_and_restores_run_on_a_cluster_without_airflow_ray
         timeout=600,
         cwd=tmp_path,  # Ray puts the driver's working directory on its workers' sys.path
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("BARE=")]
-    assert proc.returncode == 0 and lines, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    report = json.loads(lines[-1].removeprefix("BARE="))
+    report = script_report(proc, "BARE")
 
     assert set(report["states"].values()) == {"success"}, report["states"]
     for where in (report["where"], report["consume"]["where"]):  # both Ray tasks ran on the bare node

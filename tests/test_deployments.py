@@ -8,7 +8,6 @@ producing task wrote it is refused before anything touches Ray or storage (item 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 
 from tests.conftest import TESTS, new_airflow_home
 from tests.dags import deployments
+from tests.helpers import script_report
 
 
 def _deployment(home, *args: str) -> dict:
@@ -28,9 +28,7 @@ def _deployment(home, *args: str) -> dict:
         timeout=300,
         cwd=home,  # Ray puts the driver's working directory on its workers' sys.path
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("DEPLOYMENT=")]
-    assert proc.returncode == 0 and lines, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(lines[-1].removeprefix("DEPLOYMENT="))
+    return script_report(proc, "DEPLOYMENT")
 
 
 def _rerun_consumer(home, run_id: str) -> str:

@@ -7,7 +7,6 @@ the DAG run, so the pytest process stays a driver of the session's cluster only.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -16,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import script_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "multinode.py"
@@ -39,9 +40,7 @@ def test_custom_resources_and_node_loss_on_a_multi_node_cluster():
         )
     finally:
         _kill_leftovers(temp_dir)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("MULTINODE=")]
-    assert proc.returncode == 0 and lines, f"{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
-    report = json.loads(lines[-1].removeprefix("MULTINODE="))
+    report = script_report(proc, "MULTINODE")
     shutil.rmtree(temp_dir, ignore_errors=True)  # kept for its logs when the run failed
 
     assert report["source"] == "environment variable RAY_ADDRESS"
