@@ -130,6 +130,30 @@ def test_a_checkpoint_write_under_another_deployments_base_is_refused(run_dag, t
     assert [p.name for p in tmp_path.iterdir()] == [BASE_MARKER]  # nothing written
 
 
+def test_parallel_claims_of_a_fresh_base_never_see_a_torn_marker(tmp_path):
+    """The writes of one task's outputs claim a fresh base at once (a truncated marker read by a
+    second writer failed a CI run as "malformed"); of two deployments racing, exactly one wins."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def claim(base: str, deployment_id: str) -> str:
+        try:
+            checkpoint.claim_base(base, {}, deployment_id)
+            return "claimed"
+        except CheckpointBaseError as exc:
+            return "malformed" if "malformed" in str(exc) else "refused"
+
+    bases = [(tmp_path / f"b{n}").as_uri() for n in range(40)]
+    same = [(base, "prod") for base in bases for _ in range(8)]
+    racing = [(f"{base}-r", f"d{i % 2}") for base in bases for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(lambda job: claim(*job), same)) == {"claimed"}
+        outcomes = dict(zip(racing, pool.map(lambda job: claim(*job), racing)))
+    for base, deployment_id in racing:
+        winner = json.loads((Path(base.removeprefix("file://")) / BASE_MARKER).read_text())["deployment"]
+        assert outcomes[base, deployment_id] == ("claimed" if deployment_id == winner else "refused")
+    assert sorted(p.name for p in (tmp_path / "b0").iterdir()) == [BASE_MARKER]  # no file left aside
+
+
 @pytest.mark.parametrize(
     "marker, why",
     [

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointBaseError
@@ -44,20 +46,19 @@ def claim_base(base_uri: str, storage_options: dict[str, Any], deployment_id: st
     """Make sure ``base_uri`` belongs to ``deployment_id``: write the marker if there is none.
 
     Cheap when the marker exists (one small read), so every checkpoint write calls it. Two
-    deployments claiming a fresh base at the same moment both write, then read back what is
-    stored: the one whose marker lost the race is refused, except when both read back between
-    the two writes (a window of milliseconds, once per base).
+    deployments claiming a fresh base at the same moment: on a local disk the first claim wins
+    and the other is refused; on an object store both write, then read back what is stored, and
+    the one whose marker lost is refused, except when both read back between the two writes (a
+    window of milliseconds, once per base; object stores offer no portable create-if-absent).
 
     :raises CheckpointBaseError: the base belongs to another deployment, or its marker is malformed.
     """
     fs, root = open_fs(normalize_base(base_uri), storage_options)
     owner = _read(fs, root)
     if owner is None:
-        if is_local(fs):
-            fs.makedirs(root, exist_ok=True)
         created = datetime.datetime.now(datetime.UTC).isoformat()
         marker = {"format_version": _MARKER_VERSION, "deployment": deployment_id, "created_at": created}
-        fs.pipe_file(f"{root}/{BASE_MARKER}", json.dumps(marker).encode())
+        _create(fs, f"{root}/{BASE_MARKER}", json.dumps(marker).encode())
         owner = _read(fs, root)
     if owner != deployment_id:
         raise CheckpointBaseError(
@@ -103,6 +104,30 @@ def check_base(base_uri: str, storage_options: dict[str, Any], deployment_id: st
         "gc expires checkpoints only under bases this deployment wrote checkpoints to.",
         display(fs, root),
     )
+
+
+def _create(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write the marker so that no reader ever sees part of it.
+
+    The writes of one task's outputs run in parallel and all claim the base; a plain local write
+    (truncate, then write) let one of them read an empty marker and fail as "malformed" (seen
+    in CI). Locally the marker is written aside and linked into place, which also keeps the first
+    claim (a link does not replace). An object store's PUT replaces an object whole, so readers see
+    one marker or the other, never a torn one; the read-back in :func:`claim_base` settles which.
+    """
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    aside = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(aside, "wb") as f:
+        f.write(data)
+    try:
+        os.link(aside, path)
+    except FileExistsError:
+        pass  # another writer claimed the base first: claim_base reads back whose it is
+    finally:
+        os.unlink(aside)
 
 
 def _read(fs: AbstractFileSystem, root: str) -> str | None:
