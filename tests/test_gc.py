@@ -147,7 +147,7 @@ def test_parallel_claims_of_a_fresh_base_never_see_a_torn_marker(tmp_path):
     racing = [(f"{base}-r", f"d{i % 2}") for base in bases for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         assert set(pool.map(lambda job: claim(*job), same)) == {"claimed"}
-        outcomes = dict(zip(racing, pool.map(lambda job: claim(*job), racing)))
+        outcomes = dict(zip(racing, pool.map(lambda job: claim(*job), racing), strict=True))
     for base, deployment_id in racing:
         winner = json.loads((Path(base.removeprefix("file://")) / BASE_MARKER).read_text())["deployment"]
         assert outcomes[base, deployment_id] == ("claimed" if deployment_id == winner else "refused")
