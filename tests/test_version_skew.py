@@ -81,8 +81,9 @@ def skewed_cluster():
 
 
 def _expected_message(address: str, conn_id: str) -> str:
+    here = os.path.dirname(ray.__file__)
     return (
-        f"Ray version mismatch: this Airflow host has Ray {ray.__version__} ({os.path.dirname(ray.__file__)}) "
+        f"Ray version mismatch: this Airflow host has Ray {ray.__version__} ({here}) "
         f"on Python {platform.python_version()} ({sys.executable}), the cluster at {address} "
         f"(from Airflow connection '{conn_id}') runs Ray {OTHER_RAY} on Python {platform.python_version()}"
     )
