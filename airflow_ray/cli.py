@@ -7,6 +7,7 @@
     $ airflow-ray cluster stop
     $ airflow-ray gc                # free objects of deleted runs / cleared XComs, expire checkpoints
     $ airflow-ray deployment        # this deployment's id; creates its identity before the first run
+    $ airflow-ray doctor --connection ray_default   # check a connection end to end (exit 1 on failure)
 
 ``gc`` is safe to run while DAG runs execute: it never frees what is younger than
 ``[ray] gc_grace_seconds`` or belongs to an unfinished task or run, and it deletes checkpoints only
@@ -51,7 +52,23 @@ def main(argv: list[str] | None = None) -> int:
         help="print this Airflow deployment's id on shared Ray clusters, creating its secret (the "
         "Airflow Variable airflow_ray_deployment_secret) if there is none (needs the metadata DB)",
     )
+    doctor_parser = sub.add_parser(
+        "doctor",
+        help="check a Ray connection end to end (address, token, versions, nodes, owners, object store, "
+        "dashboard, checkpoint base); one line per check, exit status 1 if any failed",
+    )
+    doctor_parser.add_argument(
+        "--connection", default="ray_default", metavar="ID", help="the ray connection id"
+    )
+    doctor_parser.add_argument(
+        "--checkpoint-path",
+        metavar="URI",
+        help="the checkpoint base to check (default: [ray] checkpoint_path)",
+    )
+    doctor_parser.add_argument("--checkpoint-source", metavar="ID", help="connection id with its credentials")
     args = parser.parse_args(argv)
+    if args.group == "doctor":
+        return _doctor(args.connection, args.checkpoint_path, args.checkpoint_source)
     if args.group == "deployment":
         return _deployment()
     if args.group == "gc":
@@ -103,6 +120,15 @@ def _deployment() -> int:
     state = "created" if created else "set"
     print(f"deployment id: {me.id} (Airflow Variable {deployment.VARIABLE}: {state})")
     return 0
+
+
+def _doctor(conn_id: str, checkpoint_path: str | None, checkpoint_source: str | None) -> int:
+    from airflow_ray import doctor
+
+    checks = doctor.diagnose(conn_id, checkpoint_path=checkpoint_path, checkpoint_source=checkpoint_source)
+    for check in checks:
+        print(check.line(), flush=True)
+    return 1 if doctor.failed(checks) else 0
 
 
 def _failed(counts: dict[str, int]) -> str:

@@ -20,8 +20,11 @@ stays cheap, so the embedded cluster's CLI does not pay for Airflow.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -101,19 +104,30 @@ def local_bootstrap_address() -> str | None:
     return canonicalize_bootstrap_address("auto")
 
 
-def ping(address: str, *, client: bool, label: str) -> None:
+def ping(address: str, *, client: bool, label: str, token_source: str | None = None) -> dict[str, Any] | None:
     """One gRPC call to a cluster: its GCS (``host:port``) or, with ``client``, its Ray Client server.
 
+    A GCS answers with the cluster's metadata, which names the Ray and Python versions its head
+    runs (``{"ray_version": "2.60.0", "python_version": "3.11.7", ...}``): the same call that
+    tells an unreachable address from a rejected token gives what a version check needs, before
+    ``ray.init``. A Ray Client server's ``PING`` says nothing about versions (its proxy answers
+    it without starting a session): returns None, as for a GCS that has no metadata.
+
     Private APIs: ``ray._private.grpc_utils.init_grpc_channel`` (a channel that sends the auth
-    token the way Ray's own processes do) and the generated stubs in ``ray.core.generated``
-    (``gcs_service_pb2[_grpc]``: ``NodeInfoGcsService.GetClusterId``; ``ray_client_pb2[_grpc]``:
-    ``RayletDriver.ClusterInfo`` with ``PING``). ``ray.init`` retries for ~20 s and then reports
-    "Failed to connect to Ray cluster" for every cause; this call answers in ~50 ms and tells an
-    unreachable address from a rejected token. Checked against Ray 2.60.
+    token the way Ray's own processes do), the generated stubs in ``ray.core.generated``
+    (``gcs_service_pb2[_grpc]``: ``InternalKVGcsService.InternalKVGet``; ``ray_client_pb2[_grpc]``:
+    ``RayletDriver.ClusterInfo`` with ``PING``), and where the head stores its metadata:
+    ``ray._private.ray_constants.KV_NAMESPACE_CLUSTER`` and
+    ``ray._common.usage.usage_constants.CLUSTER_METADATA_KEY`` (``ray._private.node`` reads the
+    same key for its own version check). ``ray.init`` retries for ~20 s and then reports
+    "Failed to connect to Ray cluster" for every cause; this call answers in ~50 ms.
+    Checked against Ray 2.60 (and its GCS answers the same way from Ray 2.52).
 
     :param label: the address as the user gave it and where it came from, for the messages.
+    :param token_source: which token we sent (e.g. "the password of Airflow connection 'x'"),
+        named when the cluster rejects it.
     :raises RayAuthenticationError: the cluster wants a token we do not have, or rejected ours.
-    :raises RayConnectionError: nothing answers there (or a Ray Client version mismatch).
+    :raises RayConnectionError: nothing answers there.
     """
     import grpc
     from ray._private.grpc_utils import init_grpc_channel
@@ -130,21 +144,27 @@ def ping(address: str, *, client: bool, label: str) -> None:
                 type=ray_client_pb2.ClusterInfoType.PING  # type: ignore[attr-defined]
             )
             ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(request, timeout=_PING_TIMEOUT_S)
-        else:
-            from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+            return None
+        from ray._common.usage.usage_constants import CLUSTER_METADATA_KEY
+        from ray._private.ray_constants import KV_NAMESPACE_CLUSTER
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
-            request = gcs_service_pb2.GetClusterIdRequest()  # type: ignore[attr-defined]
-            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
-                request, timeout=_PING_TIMEOUT_S
-            )
+        kv_request = gcs_service_pb2.InternalKVGetRequest(  # type: ignore[attr-defined]
+            namespace=KV_NAMESPACE_CLUSTER, key=CLUSTER_METADATA_KEY
+        )
+        reply = gcs_service_pb2_grpc.InternalKVGcsServiceStub(channel).InternalKVGet(
+            kv_request, timeout=_PING_TIMEOUT_S
+        )
+        return json.loads(reply.value) if reply.value else None
     except AuthenticationError as exc:  # token mode, but no token found to send
         raise RayAuthenticationError(f"Ray authentication failed for {label}: {exc}") from exc
     except grpc.RpcError as exc:
         code = exc.code()
         if code == grpc.StatusCode.UNAUTHENTICATED:
+            refused = f"refused us (token sent: {token_source})" if token_source else "rejected our token"
             raise RayAuthenticationError(
                 f"Ray authentication failed for {label}: the cluster uses token "
-                "authentication and rejected our token. Put the cluster's token (`ray get-auth-token` "
+                f"authentication and {refused}. Put the cluster's token (`ray get-auth-token` "
                 "on the head node) in the connection's password field, or set RAY_AUTH_TOKEN / "
                 "RAY_AUTH_TOKEN_PATH for the Airflow worker."
             ) from exc
@@ -154,6 +174,77 @@ def ping(address: str, *, client: bool, label: str) -> None:
         ) from exc
     finally:
         channel.close()
+
+
+def versions_match(cluster: dict[str, Any], *, client: bool) -> bool:
+    """Whether this process's Ray and Python versions pass Ray's own check against ``cluster``'s.
+
+    ``cluster`` holds ``ray_version`` and ``python_version`` (a GCS's metadata, see :func:`ping`,
+    or a Ray Client server's connection info). Ray's rule, not a copy of it: the same Ray version;
+    for a driver the same Python down to the level ``RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL``
+    says (``patch`` by default), for Ray Client the same Python minor.
+
+    Private API: ``ray._private.utils.check_version_info``, what ``ray.init`` runs on connecting
+    (it raises ``RuntimeError`` on a mismatch; we only want the verdict, to word the error with
+    where each version came from). Checked against Ray 2.60.
+    """
+    from ray._private.utils import check_version_info
+
+    level = "minor" if client else None
+    try:
+        check_version_info(cluster, "", raise_on_mismatch=True, python_version_match_level=level)
+    except RuntimeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def client_version_check_deferred() -> Iterator[None]:
+    """Ray Client's own version check off while connecting (``RAY_IGNORE_VERSION_MISMATCH``).
+
+    A Ray Client server tells its versions only inside a session (no cheap call before
+    ``ray.init``, unlike a GCS, see :func:`ping`), and Ray's check then raises a ``RuntimeError``
+    that says neither which Ray installation this is nor which connection named the cluster.
+    With the check deferred, ``ray.init`` returns a ``ClientContext`` carrying the server's
+    ``ray_version`` and ``python_version``, and the caller checks them (:func:`versions_match`)
+    and disconnects on a mismatch. A user's own ``RAY_IGNORE_VERSION_MISMATCH`` is left as is.
+    Ray reads the variable in ``RayAPIStub._check_versions``, and then logs the mismatch as a
+    warning (logger ``ray._private.utils``) that would precede our error with a second, vaguer
+    one: dropped while we check. Checked against Ray 2.60.
+    """
+    if "RAY_IGNORE_VERSION_MISMATCH" in os.environ:
+        yield
+        return
+    import logging
+
+    def not_a_mismatch(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Version mismatch")
+
+    ray_logger = logging.getLogger("ray._private.utils")
+    ray_logger.addFilter(not_a_mismatch)
+    os.environ["RAY_IGNORE_VERSION_MISMATCH"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_IGNORE_VERSION_MISMATCH", None)
+        ray_logger.removeFilter(not_a_mismatch)
+
+
+def node_death_reason(code: int) -> str:
+    """The name of a dead node's ``DeathReason`` (an int in ``ray.nodes()`` entries).
+
+    ``EXPECTED_TERMINATION`` and ``AUTOSCALER_DRAIN_IDLE`` are nodes stopped or scaled down on
+    purpose; ``UNEXPECTED_TERMINATION`` (missed heartbeats: the raylet crashed or its host went
+    away) and ``AUTOSCALER_DRAIN_PREEMPTED`` took their objects with them. Private API: the
+    generated enum ``ray.core.generated.common_pb2.NodeDeathInfo.Reason``; Ray has no public name
+    for these codes. Checked against Ray 2.60.
+    """
+    from ray.core.generated import common_pb2
+
+    try:
+        return str(common_pb2.NodeDeathInfo.Reason.Name(code))  # type: ignore[attr-defined]
+    except ValueError:
+        return f"UNKNOWN_{code}"
 
 
 def job_submission_client(address: str, headers: dict[str, str], timeout: float) -> JobSubmissionClient:

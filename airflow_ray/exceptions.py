@@ -23,6 +23,12 @@ class RayAuthenticationError(RayConnectionError):
 
 
 @public_api("beta")
+class RayVersionMismatchError(RayConnectionError):
+    """This process and the cluster run different Ray versions (or Python versions, as Ray's own
+    check counts them); the message names both and where each was found."""
+
+
+@public_api("beta")
 class ServiceTimeoutError(AirflowException, TimeoutError):
     """A server accepted the connection but did not answer in time (Ray Jobs API, MLflow, Serve).
 

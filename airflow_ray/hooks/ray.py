@@ -14,7 +14,9 @@ on both sides and drops the session after ~30 s of disconnection), ``auto`` and 
 
 Before ``ray.init`` the hook probes the address with one gRPC call (~50 ms). Ray itself retries
 for ~20 s and then reports "Failed to connect to Ray cluster" for every cause; the probe tells
-an unreachable address from a rejected token and names where the address came from.
+an unreachable address from a rejected token and names where the address came from. A GCS answers
+the same call with the Ray and Python versions its head runs, so a version skew fails before
+``ray.init`` too; a Ray Client server tells them when the session starts (:mod:`airflow_ray.versions`).
 
 .. code-block:: python
 
@@ -29,6 +31,7 @@ import json
 import os
 import sys
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -38,9 +41,9 @@ from urllib.parse import urlsplit
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
-from airflow_ray import compat
+from airflow_ray import compat, versions
 from airflow_ray._api import public_api
-from airflow_ray.exceptions import RayConnectionError
+from airflow_ray.exceptions import RayConnectionError, RayVersionMismatchError
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
@@ -174,11 +177,14 @@ class RayHook(BaseHook):
                 **target.init_kwargs,
             }
             try:
-                context = ray.init(**kwargs)
+                with compat.client_version_check_deferred() if target.is_client else nullcontext():
+                    context = ray.init(**kwargs)
             except ConnectionError as exc:
                 raise RayConnectionError(
                     f"Could not connect to the Ray cluster at {target.describe()}: {exc}"
                 ) from exc
+            if target.is_client:
+                _check_client_versions(context, target)
             if target.dashboard_url is None and (url := getattr(context, "dashboard_url", None)):
                 target = _replace(target, dashboard_url=url if "://" in url else f"http://{url}")
                 self.__dict__["target"] = target
@@ -252,21 +258,32 @@ def _ray_initialized() -> bool:
     return ray is not None and ray.is_initialized()
 
 
-def probe(target: RayTarget) -> None:
-    """One gRPC call to the cluster: raises a clear error if it is unreachable or rejects us."""
+def probe(target: RayTarget) -> dict[str, Any] | None:
+    """One gRPC call to the cluster: raises a clear error if it is unreachable, rejects us, or
+    (a GCS address) runs other Ray/Python versions than this process (:mod:`airflow_ray.versions`).
+
+    :returns: the versions the cluster reported (``ray_version``, ``python_version``), or None
+        where it reports none before a session (Ray Client, Anyscale).
+    :raises RayAuthenticationError: the token is missing or rejected (the message names the one sent).
+    :raises RayVersionMismatchError: the versions differ.
+    :raises RayConnectionError: the address is invalid or nothing answers there.
+    """
     if target.address.startswith("anyscale://"):
-        return
-    address = _bootstrap_address(target)
+        return None
+    address = bootstrap_address(target)
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise RayConnectionError(f"Invalid Ray address {target.describe()}: expected host:port")
-    compat.ping(address, client=target.is_client, label=target.describe())
+    reported = compat.ping(
+        address, client=target.is_client, label=target.describe(), token_source=token_source(target)
+    )
+    if reported is not None:
+        versions.check(reported, label=target.describe(), client=False, reported_by="recorded by its head")
+    return reported
 
 
-# --- private helpers -----------------------------------------------------------------------
-
-
-def _bootstrap_address(target: RayTarget) -> str:
+def bootstrap_address(target: RayTarget) -> str:
+    """The ``host:port`` a probe calls: the Ray Client server, or the GCS (``auto`` resolved)."""
     if target.is_client:
         return target.address[len("ray://") :]
     if target.address in ("auto", ""):
@@ -278,6 +295,34 @@ def _bootstrap_address(target: RayTarget) -> str:
             )
         return resolved
     return target.address
+
+
+def token_source(target: RayTarget) -> str:
+    """Which token a connection to ``target`` sends, in words (never the token itself)."""
+    if target.token:
+        return f"the password of {target.source}"
+    if target.env.get("RAY_AUTH_MODE") != "token":
+        return "none, RAY_AUTH_MODE is not 'token' for this address"
+    if compat.own_env("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN of this process"
+    return f"the token file {_token_file()}"
+
+
+# --- private helpers -----------------------------------------------------------------------
+
+
+def _check_client_versions(context: Any, target: RayTarget) -> None:
+    """Leave a Ray Client session whose server runs other versions (see :mod:`airflow_ray.versions`)."""
+    import ray
+
+    reported = {"ray_version": context.ray_version, "python_version": context.python_version}
+    try:
+        versions.check(
+            reported, label=target.describe(), client=True, reported_by="reported by its Ray Client server"
+        )
+    except RayVersionMismatchError:
+        ray.shutdown()
+        raise
 
 
 def _target_from_connection(conn: Connection) -> RayTarget:
