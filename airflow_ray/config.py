@@ -173,6 +173,17 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "example": "False",
         "default": "True",
     },
+    "keeper_on_first_use": {
+        "description": "On a cluster where no keeper runs this version of airflow-ray (any cluster "
+        "but the embedded one, or the embedded one after an upgrade), the first task that needs an "
+        "owner starts one: a detached actor on the head node whose child process is a driver that "
+        "stays connected and creates the owners, so Ray reuses their worker processes between "
+        "Airflow task processes. The first task waits for it (a few seconds, once per cluster). "
+        "False: only ``airflow-ray cluster prepare`` starts it.",
+        "type": "boolean",
+        "example": "False",
+        "default": "True",
+    },
 }
 
 
@@ -321,6 +332,11 @@ def local_cluster_dashboard() -> bool:
 @_accessor
 def local_cluster_keeper() -> bool:
     return _get_flag("local_cluster_keeper")
+
+
+@_accessor
+def keeper_on_first_use() -> bool:
+    return _get_flag("keeper_on_first_use")
 
 
 def clear_caches() -> None:

@@ -17,25 +17,26 @@ round trip); :func:`forget_owners` drops the handles when the process reconnects
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import re
 from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from airflow_ray import config, deployment
+from airflow_ray._worker.factory import ON_HEAD
 from airflow_ray._worker.owner import shard_for
 from airflow_ray.version import __version__
 
 OWNER_PREFIX = "airflow_ray_owner-v"
 FACTORY_PREFIX = "airflow_ray_factory-v"
-#: Owners and the factory: detached, no CPU, on the head node (which outlives worker nodes).
-_DETACHED_ON_HEAD: dict[str, Any] = {
-    "lifetime": "detached",
-    "get_if_exists": True,
-    "num_cpus": 0,
-    "resources": {"node:__internal_head__": 0.001},
-}
+KEEPER_PREFIX = "airflow_ray_keeper-v"
+#: Owners and the keeper: detached, no CPU, on the head node (which outlives worker nodes).
+_DETACHED_ON_HEAD: dict[str, Any] = {"lifetime": "detached", "get_if_exists": True, **ON_HEAD}
+#: How long the first task on a cluster without a factory waits for the keeper to start one.
+KEEPER_START_TIMEOUT_S = 60.0
 _NAME = re.compile(
     re.escape(OWNER_PREFIX)
     + r"(?P<version>[^-]+)-(?P<code>[0-9a-f]{8})-(?P<deployment>[a-z0-9][a-z0-9-]*)-(?P<shard>\d+)"
@@ -93,24 +94,51 @@ def get_owner(name: str, *, create: bool = False) -> Any:
 
 
 def factory_name() -> str:
-    """The name of the keeper's :class:`~airflow_ray._worker.factory.OwnerFactory` for this code."""
+    """The name of the :class:`~airflow_ray._worker.factory.OwnerFactory` for this code."""
     return f"{FACTORY_PREFIX}{__version__}-{worker_code_hash()}"
 
 
-def start_factory() -> Any:
-    """Create the owner factory in the calling driver's Ray job (the keeper's)."""
-    import ray
+def keeper_name() -> str:
+    """The name of the :class:`~airflow_ray._worker.factory.Keeper` that hosts this code's factory."""
+    return f"{KEEPER_PREFIX}{__version__}-{worker_code_hash()}"
 
-    from airflow_ray._worker.factory import OwnerFactory
+
+def start_factory() -> Any:
+    """Create the owner factory in the calling driver's Ray job (the embedded cluster's keeper)."""
+    from airflow_ray._worker import factory
 
     ship_worker_code()
-    options = {**_DETACHED_ON_HEAD, "name": factory_name(), "namespace": config.namespace()}
-    return ray.remote(OwnerFactory).options(**options).remote()
+    return factory.start_factory(factory_name(), config.namespace())
+
+
+def start_keeper() -> Any:
+    """Start (or find) this code's keeper on the connected cluster; returns its handle.
+
+    One per cluster and code version (the name carries both hashes): two task processes racing
+    here get the same actor (``get_if_exists``), which starts one driver. Its
+    ``ready.remote(timeout)`` says when the factory answers, or why it does not.
+    """
+    import ray
+    import ray.cloudpickle as cloudpickle
+
+    from airflow_ray._worker import factory
+
+    ship_worker_code()
+    driver = cloudpickle.dumps(functools.partial(factory.serve_factory, factory_name(), config.namespace()))
+    options = {
+        **_DETACHED_ON_HEAD,
+        "name": keeper_name(),
+        "namespace": config.namespace(),
+        "max_restarts": -1,  # a lost worker: Ray starts the actor again, which starts the driver
+        "max_concurrency": 4,  # ready() waits while info() and stop() answer
+    }
+    return ray.remote(factory.Keeper).options(**options).remote(driver)
 
 
 def _create_owner(name: str) -> Any:
-    """Create an owner: through the keeper's factory where there is one (its Ray job keeps the
-    owner's workers warm, see :mod:`airflow_ray._worker.factory`), else in this driver's job."""
+    """Create an owner: through the factory (its Ray job keeps the owner's workers warm, see
+    :mod:`airflow_ray._worker.factory`) where there is one or one can be started, else in this
+    driver's job."""
     import ray
 
     from airflow_ray._worker.owner import Owner
@@ -119,12 +147,37 @@ def _create_owner(name: str) -> Any:
         raise ValueError(f"Not an airflow-ray owner name: {name!r}")
     options = {**_DETACHED_ON_HEAD, "name": name, "namespace": config.namespace(), "max_concurrency": 1000}
     args = (config.object_ttl_seconds(), config.max_objects())
-    try:
-        factory = ray.get_actor(factory_name(), namespace=config.namespace())
-    except ValueError:
+    factory = _factory()
+    if factory is None:
         return ray.remote(Owner).options(**options).remote(*args)
     ray.get(factory.create.remote(Owner, options, args))
     return ray.get_actor(name, namespace=config.namespace())
+
+
+def _factory() -> Any | None:
+    """The factory for this code; if there is none, start its keeper and wait for it
+    (``[ray] keeper_on_first_use``). None when that is off or fails: the owner is then created
+    in this task's job, correct but without warm workers, and the log says why."""
+    import ray
+
+    try:
+        return ray.get_actor(factory_name(), namespace=config.namespace())
+    except ValueError:
+        if not config.keeper_on_first_use():
+            return None
+    waited = start_keeper().ready.remote(KEEPER_START_TIMEOUT_S)
+    try:
+        problem = ray.get(waited, timeout=KEEPER_START_TIMEOUT_S + 30)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem is None:
+        return ray.get_actor(factory_name(), namespace=config.namespace())
+    logging.getLogger(__name__).warning(
+        "No owner factory on this Ray cluster (%s): the owner is created by this task, and every Ray "
+        "task it runs starts a new worker process. Check with `airflow-ray cluster status`.",
+        problem,
+    )
+    return None
 
 
 def forget_owners() -> None:

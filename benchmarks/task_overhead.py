@@ -16,8 +16,14 @@ small int on): one of ``@task``, one of ``@ray_task``, and starts a private embe
 2. **LocalExecutor**: ``api-server`` + ``scheduler`` + ``dag-processor`` on loopback ports, so
    each task instance is its own process: a ``@ray_task`` then also pays ``ray.init`` (connect
    to the running head) in every task. The first task of each chain is left out (cold caches).
-   The stack runs twice: with ``[ray] preload_in_scheduler`` off (every task process imports
-   Ray itself) and on (the default: task processes inherit Ray imported by the scheduler).
+   The stack runs once per row of :data:`LOCAL_ROWS`: ``[ray] preload_in_scheduler`` off (every
+   task process imports Ray itself) and on (the default: task processes inherit Ray imported by
+   the scheduler), both against the embedded cluster with its keeper.
+3. **``--remote``**: two more LocalExecutor rows against a cluster airflow-ray did not start (a
+   ``ray start --head`` on loopback, reached through the ``ray_default`` connection): without a
+   keeper (``[ray] keeper_on_first_use`` off, so each task process's Ray task waits for a new
+   worker), and after ``airflow-ray cluster prepare``. A row is a :class:`LocalRow`: another
+   topology (e.g. a CeleryExecutor one) is one more entry with its own environment and setup.
 
 Target (issue 2): a ``@ray_task`` adds <= 0.3 s median per task once the cluster is up.
 Numbers are medians over all tasks of all timed runs; "added" = ray - plain for the median and
@@ -27,10 +33,14 @@ for p90 separately. No timing is asserted: the machine is shared and noisy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +72,72 @@ for kind, decorator in (("plain", task), ("ray", ray_task)):
 '''
 
 
+@dataclass(frozen=True)
+class LocalRow:
+    """One LocalExecutor measurement: a title, the environment the stack runs with, and a setup
+    run (with that environment) after the stack is up, before the DAGs are triggered."""
+
+    key: str
+    title: str
+    env: dict[str, str] = field(default_factory=dict)
+    setup: Callable[[dict[str, str]], None] | None = None
+    release: bool = True  # free the Ray DAG's objects through the benchmark's own connection
+
+
+LOCAL_ROWS = [
+    LocalRow(
+        "local_executor_no_preload",
+        "embedded cluster (keeper), preload_in_scheduler=False",
+        {"AIRFLOW__RAY__PRELOAD_IN_SCHEDULER": "False"},
+    ),
+    LocalRow("local_executor", "embedded cluster (keeper), preload_in_scheduler=True"),
+]
+
+
+def _prepare(env: dict[str, str]) -> None:
+    cmd = [common.PYTHON, "-m", "airflow_ray.cli", "cluster", "prepare", "--connection", "ray_default"]
+    common.log(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.strip())
+
+
+@contextlib.contextmanager
+def _remote_rows() -> Iterator[list[LocalRow]]:
+    """A cluster airflow-ray did not start (``ray start --head`` on loopback) and its two rows."""
+    from tests.helpers import loopback_head
+
+    with loopback_head(str(Path(common.PYTHON).parent / "ray")) as address:
+        conn = json.dumps({"conn_type": "ray", "host": address})
+        env = {
+            "AIRFLOW_CONN_RAY_DEFAULT": conn,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "AIRFLOW__RAY__KEEPER_ON_FIRST_USE": "False",  # the keeper row prepares it
+        }
+        yield [
+            LocalRow(
+                "remote_no_keeper",
+                "remote cluster (ray start --head), no keeper",
+                {**env, "AIRFLOW__RAY__NAMESPACE": "bench-cold"},
+                release=False,
+            ),
+            LocalRow(
+                "remote_keeper",
+                "remote cluster (ray start --head), keeper (airflow-ray cluster prepare)",
+                {**env, "AIRFLOW__RAY__NAMESPACE": "bench-warm"},
+                setup=_prepare,
+                release=False,
+            ),
+        ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20, help="tasks per DAG (default 20)")
     parser.add_argument("--repeats", type=int, default=3, help="timed dag.test() runs of each DAG")
     parser.add_argument("--local-n", type=int, default=10, help="tasks per DAG for the LocalExecutor section")
     parser.add_argument("--no-local-executor", action="store_true", help="skip the LocalExecutor section")
+    parser.add_argument(
+        "--remote", action="store_true", help="add LocalExecutor rows against a non-embedded cluster"
+    )
+    parser.add_argument("--no-dag-test", action="store_true", help="skip the dag.test() section")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
 
@@ -86,10 +156,15 @@ def main() -> None:
     try:
         results["ray_start_s"] = common.start_ray()
         common.log(f"Ray head up in {results['ray_start_s']:.1f} s")
-        results["dag_test"] = _dag_test_section(home, args)
-        if not args.no_local_executor:
-            for preload in (False, True):
-                results[_local_key(preload)] = _local_executor_section(home, env, args, preload)
+        if not args.no_dag_test:
+            results["dag_test"] = _dag_test_section(home, args)
+        with contextlib.ExitStack() as stack:
+            rows = [] if args.no_local_executor else list(LOCAL_ROWS)
+            if args.remote and not args.no_local_executor:
+                rows += stack.enter_context(_remote_rows())
+            for row in rows:
+                results[row.key] = _local_executor_section(home, env, args, row)
+            results["titles"] = {row.key: row.title for row in rows}
     finally:
         common.stop_ray()
     _report(results, args)
@@ -129,20 +204,18 @@ def _run_once(dag: Any) -> tuple[list[float], float]:
     return [ti["duration"] for ti in tis.values()], wall
 
 
-def _local_key(preload: bool) -> str:
-    return "local_executor" if preload else "local_executor_no_preload"
-
-
 def _local_executor_section(
-    home: Path, env: dict[str, str], args: argparse.Namespace, preload: bool
+    home: Path, env: dict[str, str], args: argparse.Namespace, row: LocalRow
 ) -> dict[str, Any]:
     samples: dict[str, dict[str, list[float]]] = {}
-    common.log(f"LocalExecutor, preload_in_scheduler={preload}: starting the services")
+    common.log(f"LocalExecutor, {row.title}: starting the services")
     started = time.perf_counter()
-    env = {**env, "AIRFLOW__RAY__PRELOAD_IN_SCHEDULER": str(preload)}
+    env = {**env, **row.env}
     with common.LocalExecutorStack(env, home, parallelism=2) as stack:
         stack.wait_parsed(["overhead_local_plain", "overhead_local_ray"])
         common.log(f"LocalExecutor stack up and DAGs parsed in {time.perf_counter() - started:.0f} s")
+        if row.setup is not None:
+            row.setup(stack.env)
         for kind in ("plain", "ray"):
             dag_id = f"overhead_local_{kind}"
             t0 = time.perf_counter()
@@ -159,7 +232,7 @@ def _local_executor_section(
             common.log(
                 f"LocalExecutor {kind:5}: wall {wall:6.1f} s, task median {common.median(durations):.3f} s"
             )
-            if kind == "ray":
+            if kind == "ray" and row.release:
                 common.release_run(dag_id, run_id)
     return samples
 
@@ -170,16 +243,13 @@ def _report(results: dict[str, Any], args: argparse.Namespace) -> None:
 
     print()
     print(f"Ray head start: {results['ray_start_s']:.1f} s (not included below)")
-    sections = [("dag_test", f"dag.test(), {args.n} chained tasks x {args.repeats} runs, one process")]
-    for preload in (False, True):
-        if _local_key(preload) in results:
-            sections.append(
-                (
-                    _local_key(preload),
-                    f"LocalExecutor, preload_in_scheduler={preload}, {args.local_n} chained tasks "
-                    "(first dropped), one process per task",
-                )
-            )
+    sections = []
+    if "dag_test" in results:
+        title = f"dag.test(), {args.n} chained tasks x {args.repeats} runs, one process"
+        sections.append(("dag_test", title))
+    for key, title in results["titles"].items():
+        per_task = f"{args.local_n} chained tasks (first dropped), one process per task"
+        sections.append((key, f"LocalExecutor, {title}, {per_task}"))
     for key, title in sections:
         samples = results[key]
         rows = []

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +79,6 @@ def kill_cluster(temp_dir: str, address: str) -> None:
     that never exit on it (``gcs_server`` and the autoscaler's monitor, on Ray 2.60). A driver
     of the cluster in this process must leave first (``ray.shutdown()``): it would exit with it.
     """
-    import contextlib
     import os
 
     import psutil
@@ -98,6 +98,42 @@ def kill_cluster(temp_dir: str, address: str) -> None:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     psutil.wait_procs(list(victims.values()), timeout=10)
+
+
+@contextlib.contextmanager
+def loopback_head(ray: str, *, extra_args: Sequence[str] = (), cwd: str | None = None) -> Iterator[str]:
+    """``<ray> start --head`` on 127.0.0.1 with token auth, a short private temp dir and free
+    ports, the way a cluster that is not the embedded one runs; yields its GCS address, then kills
+    it (:func:`kill_cluster`; never ``ray stop``, which would kill every cluster of the machine)."""
+    import os
+    import shutil
+    import tempfile
+
+    from airflow_ray import cluster
+    from tests.s3_server import _free_port
+
+    cluster.ensure_token()
+    temp_dir = tempfile.mkdtemp(prefix="arh-", dir="/tmp")  # short: Ray's socket paths
+    port = _free_port()
+    start = [
+        ray,
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        "--include-dashboard=false",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        *extra_args,
+    ]
+    env = {**os.environ, **cluster.LOCAL_ENV, "PYTHONPATH": ""}
+    try:
+        subprocess.run(start, env=env, check=True, capture_output=True, timeout=180, cwd=cwd)
+        yield f"127.0.0.1:{port}"
+    finally:
+        kill_cluster(temp_dir, f"127.0.0.1:{port}")  # killed, not stopped: faster by 10 s
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def connected_or_private_ray():

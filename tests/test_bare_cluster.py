@@ -12,16 +12,14 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import TESTS
-from tests.helpers import kill_cluster, script_report
+from tests.helpers import loopback_head, script_report
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +30,6 @@ CLUSTER_PACKAGES = ("ray", "numpy", "pandas", "pyarrow", "fsspec", "xxhash")
 @pytest.fixture(scope="module")
 def bare_cluster(tmp_path_factory):
     """``ray start --head`` from a virtualenv without airflow-ray; yields its GCS address."""
-    from airflow_ray import cluster
-    from tests.s3_server import _free_port
-
     venv = tmp_path_factory.mktemp("bare-venv")
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in CLUSTER_PACKAGES]
     uv = [sys.executable, "-m", "uv"]
@@ -54,30 +49,9 @@ def bare_cluster(tmp_path_factory):
     absent = subprocess.run([python, "-c", "import airflow_ray"], capture_output=True, cwd=venv)
     assert absent.returncode != 0, "the bare virtualenv must not see airflow-ray"
 
-    cluster.ensure_token()
-    temp_dir = tempfile.mkdtemp(prefix="arb-", dir="/tmp")  # short: Ray's socket paths
-    port = _free_port()
-    env = {**os.environ, **cluster.LOCAL_ENV, "PYTHONPATH": ""}
-    start = [
-        str(venv / "bin" / "ray"),
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={port}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        "--num-cpus=2",
-        "--resources=" + json.dumps({"bare": 2}),
-        "--include-dashboard=false",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180, cwd=venv)
-    try:
-        yield {"address": f"127.0.0.1:{port}", "python": str(python)}
-    finally:
-        # Never `ray stop`: it kills every cluster. Killed, not stopped: faster by 10 s.
-        kill_cluster(temp_dir, f"127.0.0.1:{port}")
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    resources = ["--num-cpus=2", "--resources=" + json.dumps({"bare": 2})]
+    with loopback_head(str(venv / "bin" / "ray"), extra_args=resources, cwd=str(venv)) as address:
+        yield {"address": address, "python": str(python)}
 
 
 def test_ray_tasks_checkpoints_and_restores_run_on_a_cluster_without_airflow_ray(bare_cluster, tmp_path):
