@@ -210,8 +210,9 @@ def _owners() -> Check:
         "owners",
         "warn",
         f"{shards}; no keeper (owner factory {owners.factory_name()} in namespace {namespace!r}): "
-        "tasks create the owners themselves, and each @ray_task waits for a fresh Ray worker process "
-        "(1.7-2.5 s measured). The embedded cluster starts one (see airflow_ray.keeper).",
+        "the first @ray_task starts one ([ray] keeper_on_first_use); without it each @ray_task "
+        "waits for a fresh Ray worker process (1.7-2.5 s measured). Start it now with "
+        "`airflow-ray cluster prepare --connection <id>`.",
     )
 
 
