@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.operators.python import PythonOperator
 
-from airflow_ray import config
+from airflow_ray import assets, config
 from airflow_ray._api import public_api
 from airflow_ray._worker.keys import TaskInstanceInfo, TaskKey
 from airflow_ray.hooks import RayHook
@@ -128,6 +128,8 @@ class RayPythonOperator(PythonOperator):
         self.checkpoint = checkpoint
         self.checkpoint_source = checkpoint_source
         self.checkpoint_path = checkpoint_path
+        if (declared := assets.declared(self.outlets)) and not checkpoint:
+            raise assets.not_checkpointed_error(self.task_id, declared)
         self._running = False
 
     def execute(self, context: Context) -> Any:
@@ -137,12 +139,20 @@ class RayPythonOperator(PythonOperator):
         )
         self._context_keys = set(context)
         self._identity = TaskInstanceInfo(*self._task_key, try_number=ti.try_number)
+        self._outlet_events = context["outlet_events"]
         return super().execute(context)
 
     def execute_callable(self) -> Any:
         from airflow_ray import outputs, tasks
         from airflow_ray.owners import owner_name
 
+        declared = assets.declared(self.outlets)
+        if declared and not outputs.ray_xcom_enabled():
+            raise ValueError(
+                f"Task '{self.task_id}' declares checkpoint assets, and only outputs kept in Ray's "
+                "object store are checkpointed: set AIRFLOW__CORE__XCOM_BACKEND="
+                "airflow_ray.xcom.RayXComBackend, or use a plain Asset."
+            )
         target = RayHook(self.ray_conn_id).connect()
         request = tasks.TaskRequest(
             fn=self.python_callable,
@@ -152,7 +162,7 @@ class RayPythonOperator(PythonOperator):
             options=self.ray_options(target.runtime_env),
             split="keys" if self.multiple_outputs else None,
             infeasible_timeout=config.infeasible_task_timeout(),
-            inline_limit=outputs.inline_limit(),
+            inline_limit=0 if declared else outputs.inline_limit(),  # an asset needs a checkpoint
         )
         self._running = True
         try:
@@ -162,7 +172,9 @@ class RayPythonOperator(PythonOperator):
             self.ray_dashboard_link = owner_url(
                 target.dashboard_url, owner_name(self._task_key.dag_id, self._task_key.run_id)
             )
-        checkpoint = outputs.CheckpointSettings(self.checkpoint_path, self.checkpoint_source)
+        checkpoint = outputs.CheckpointSettings(
+            self.checkpoint_path, self.checkpoint_source, declared, self._outlet_events
+        )
         return outputs.publish(
             self._task_key,
             reply,
