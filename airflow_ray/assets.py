@@ -121,9 +121,11 @@ def record(
     keys one push at a time, so facts already recorded for other keys are kept.
     """
     for asset in assets:
-        extra = outlet_events[asset].extra
-        outputs = extra.get("outputs") or ({extra["key"]: dict(extra)} if "key" in extra else {})
-        outputs = {**outputs, **extras}
+        extra: dict[str, Any] = outlet_events[asset].extra  # JSON by construction
+        known: dict[str, Any] = extra.get("outputs") or (
+            {extra["key"]: dict(extra)} if "key" in extra else {}
+        )
+        outputs = {**known, **extras}
         extra.clear()
         if len(outputs) == 1:
             extra.update(next(iter(outputs.values())))
