@@ -23,7 +23,9 @@ from airflow_ray import assets, config
 from airflow_ray._api import public_api
 from airflow_ray._worker.keys import TaskInstanceInfo, TaskKey
 from airflow_ray.hooks import RayHook
+from airflow_ray.lineage import RayLineage, RayLineageMixin, output_entry
 from airflow_ray.links.dashboard import RayDashboardLink, owner_url
+from airflow_ray.references import RayResult
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -45,12 +47,14 @@ _PORTABLE = (str, int, float, bool, type(None), datetime, date, timedelta)
 
 
 @public_api("beta")
-class RayPythonOperator(PythonOperator):
+class RayPythonOperator(RayLineageMixin, PythonOperator):
     """Runs ``python_callable`` as a Ray task; its return value becomes the XCom.
 
     With :class:`~airflow_ray.xcom.RayXComBackend` the return value stays in Ray's object store
     (owned by a detached owner actor) and only a small JSON reference goes to the XCom table;
-    with any other backend it is fetched and stored as usual.
+    with any other backend it is fetched and stored as usual. With the OpenLineage provider, its
+    run events say what ran where on Ray and which checkpoints it read and wrote
+    (:mod:`airflow_ray.lineage`).
 
     :param num_cpus: CPUs reserved for the task (Ray's default: 1).
     :param num_gpus: GPUs reserved for the task.
@@ -131,6 +135,7 @@ class RayPythonOperator(PythonOperator):
         if (declared := assets.declared(self.outlets)) and not checkpoint:
             raise assets.not_checkpointed_error(self.task_id, declared)
         self._running = False
+        self.ray_lineage = RayLineage(kind="task", resources=_describe(self.ray_options()))
 
     def execute(self, context: Context) -> Any:
         ti = context["ti"]
@@ -146,6 +151,7 @@ class RayPythonOperator(PythonOperator):
         from airflow_ray import outputs, tasks
         from airflow_ray.owners import owner_name
 
+        lineage = self.ray_lineage
         declared = assets.declared(self.outlets)
         if declared and not outputs.ray_xcom_enabled():
             raise ValueError(
@@ -154,6 +160,8 @@ class RayPythonOperator(PythonOperator):
                 "airflow_ray.xcom.RayXComBackend, or use a plain Asset."
             )
         target = RayHook(self.ray_conn_id).connect()
+        owner = owner_name(self._task_key.dag_id, self._task_key.run_id)
+        lineage.owner, lineage.dashboard_url = owner, target.dashboard_url
         request = tasks.TaskRequest(
             fn=self.python_callable,
             args=tuple(self.op_args),
@@ -164,24 +172,28 @@ class RayPythonOperator(PythonOperator):
             infeasible_timeout=config.infeasible_task_timeout(),
             inline_limit=0 if declared else outputs.inline_limit(),  # an asset needs a checkpoint
         )
+        lineage.read = [h.reference for h in tasks.extract_handles((request.args, request.kwargs))[1]]
         self._running = True
         try:
             reply = tasks.run(request, self.log)
         finally:
             self._running = False
-            self.ray_dashboard_link = owner_url(
-                target.dashboard_url, owner_name(self._task_key.dag_id, self._task_key.run_id)
-            )
+            self.ray_dashboard_link = lineage.page_url = owner_url(target.dashboard_url, owner)
+        lineage.node_id = reply.get("node_id")
+        lineage.outputs = [output_entry(o["key"], o["summary"], o.get("object_id")) for o in reply["outputs"]]
         checkpoint = outputs.CheckpointSettings(
             self.checkpoint_path, self.checkpoint_source, declared, self._outlet_events
         )
-        return outputs.publish(
+        result = outputs.publish(
             self._task_key,
             reply,
             ray_conn_id=self.ray_conn_id,
             checkpoint=checkpoint if self.checkpoint else None,
             multiple_outputs=bool(self.multiple_outputs),
         )
+        values = result.values() if self.multiple_outputs else [result]
+        lineage.written = [value.reference for value in values if isinstance(value, RayResult)]
+        return result
 
     def on_kill(self) -> None:
         """Airflow is killing this task: cancel the Ray task too (no orphaned work)."""
@@ -234,6 +246,16 @@ class RayPythonOperator(PythonOperator):
 
 
 _NOT_PORTABLE = object()
+
+
+def _describe(options: dict[str, Any]) -> dict[str, Any]:
+    """Requested resources for lineage: JSON values (a scheduling strategy object becomes its
+    repr); ``runtime_env`` is left out (its ``env_vars`` may hold secrets)."""
+    return {
+        name: value if isinstance(value, (str, int, float, bool, dict)) else repr(value)
+        for name, value in options.items()
+        if name != "runtime_env"
+    }
 
 
 def _merge_runtime_env(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
