@@ -40,6 +40,7 @@ from airflow_ray.owners import forget_owners, get_owner, owner_name
 from airflow_ray.references import ObjectReference, RayResult, handle_for, result_for
 
 if TYPE_CHECKING:
+    from airflow_ray.assets import CheckpointAsset
     from airflow_ray.checkpoint import CheckpointLocation
 
 #: Key of the ``return_value`` XCom of a ``multiple_outputs`` task: ``{OUTPUTS: {key: stored}}``.
@@ -50,14 +51,19 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
-    """A task's ``checkpoint_path`` / ``checkpoint_source`` (given, or from ``default_args``)."""
+    """A task's ``checkpoint_path`` / ``checkpoint_source`` (given, or from ``default_args``), and
+    the checkpoint assets in its outlets with the task instance's outlet events, which
+    :func:`persist` fills (see :mod:`airflow_ray.assets`)."""
 
     path: str | None = None
     source: str | None = None
+    assets: tuple[CheckpointAsset, ...] = ()
+    outlet_events: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
-#: ``(task, checkpoint settings or None)`` of the plain task this process runs (see :func:`task_starting`).
-_plain_task: tuple[TaskKey, CheckpointSettings | None] | None = None
+#: The plain task this process runs: its key, checkpoint settings (None: it does not checkpoint) and
+#: the checkpoint assets in its outlets (see :func:`task_starting`).
+_plain_task: tuple[TaskKey, CheckpointSettings | None, tuple[CheckpointAsset, ...]] | None = None
 
 #: Values this process pushed per task, by key (see :func:`_pushed_outputs`).
 _recent_pushes: dict[TaskKey, dict[str | None, tuple[Any, Any]]] = {}
@@ -142,20 +148,21 @@ def to_xcom(value: Any, *, key: str | None, task: TaskKey) -> Any:
     if (pushed := _pushed_outputs(task, key, value)) is not None:
         return pushed
     stored: Any
-    if stays_inline(value):
+    settings = _plain_checkpoint(task)
+    if stays_inline(value) and not (settings and settings.assets):  # an asset needs a checkpoint
         stored = BaseXCom.serialize_value(value)
     else:
         if None in task or key is None:
             raise ValueError("RayXComBackend needs the XCom's key, task_id, dag_id and run_id")
-        stored = _stored(adopt(value, key, task))
+        stored = _stored(adopt(value, key, task, settings))
     if task not in _recent_pushes:
         _recent_pushes.clear()  # only the task this process is finishing matters
     _recent_pushes.setdefault(task, {})[key] = (value, stored)
     return stored
 
 
-def adopt(value: Any, key: str, task: TaskKey) -> ObjectReference:
-    """Hand a plain task's output to its run's owner, checkpointed if the task asks for it."""
+def adopt(value: Any, key: str, task: TaskKey, settings: CheckpointSettings | None) -> ObjectReference:
+    """Hand a plain task's output to its run's owner, checkpointed if ``settings`` say so."""
     import ray
 
     from airflow_ray.hooks.ray import RayHook
@@ -172,7 +179,6 @@ def adopt(value: Any, key: str, task: TaskKey) -> ObjectReference:
     reference = _reference(
         task, {"key": key, "summary": summary, **reply}, owner=name, ray_conn_id=ray_conn_id
     )
-    settings = _plain_task[1] if _plain_task is not None and _plain_task[0] == task else None
     if settings is not None:
         reference = persist({key: reference}, {key: reply["ref"][0]}, settings, node_id=reply["node_id"])[key]
     return reference
@@ -196,10 +202,12 @@ def persist(
     references with their ``checkpoint_uri`` and the checkpoint's format and digest (its
     manifest's checksum), which a restore holds the manifest to (:func:`recover`).
     ``[ray] checkpoint_allow_pickle = False`` makes an output that only pickle can hold fail here.
+    The task's checkpoint assets must lie above these checkpoints (checked before writing) and
+    get an event describing them (:mod:`airflow_ray.assets`).
     """
     import ray
 
-    from airflow_ray import checkpoint
+    from airflow_ray import assets, checkpoint
     from airflow_ray.checkpoint import path_component
 
     task = next(iter(references.values())).task
@@ -217,6 +225,7 @@ def persist(
         else dataclasses.replace(base, uri=f"{base.uri}{path_component(key)}/")
         for key in references
     }
+    assets.check_covered(settings.assets, task.task_id, [loc.uri for loc in locations.values()])
     claimant = deployment.current().id
     write: Any = ray.remote(checkpoint.write_checkpoint).options(num_cpus=0, **_near(node_id))
     allow_pickle = config.checkpoint_allow_pickle()
@@ -240,6 +249,12 @@ def persist(
             manifest["bytes"],
             manifest["checksum"],
         )
+    if settings.assets:
+        extras = {
+            key: assets.event_extra(key, locations[key].uri, manifest)
+            for key, manifest in zip(references, manifests, strict=True)
+        }
+        assets.record(settings.assets, settings.outlet_events, extras)
     return {
         key: dataclasses.replace(
             ref,
@@ -255,7 +270,7 @@ def persist(
 def task_starting(ti: Any) -> None:
     """Called by :mod:`airflow_ray.listener` inside a task's context, before it runs."""
     global _plain_task
-    _plain_task = (TaskKey(ti.dag_id, ti.run_id, ti.task_id, ti.map_index), _checkpoint_settings())
+    _plain_task = (TaskKey(ti.dag_id, ti.run_id, ti.task_id, ti.map_index), *_checkpoint_settings())
 
 
 # --- consuming -----------------------------------------------------------------------------------
@@ -485,22 +500,25 @@ def _pushed_outputs(task: TaskKey, key: str | None, value: Any) -> dict[str, Any
     return {OUTPUTS: stored} if any(ObjectReference.is_reference(v) for v in stored.values()) else None
 
 
-def _checkpoint_settings() -> CheckpointSettings | None:
-    """The running plain task's checkpoint settings, if it asks for checkpoints.
+def _checkpoint_settings() -> tuple[CheckpointSettings | None, tuple[CheckpointAsset, ...]]:
+    """The running plain task's checkpoint settings (None: no checkpoints) and checkpoint assets.
 
     ``@task`` has no ``checkpoint`` argument, so a plain task takes it from ``default_args``
     of its DAG or of a TaskGroup around it, the way ``@ray_task`` tasks get DAG-wide defaults.
     Needs the task's context (see :func:`task_starting`).
     """
+    from airflow_ray import assets
+
     try:
         from airflow.sdk import get_current_context
 
         context = get_current_context()
     except Exception:
-        return None
+        return None, ()
     task = context["task"]
     if getattr(task, "_airflow_ray_consumer", False):
-        return None  # a Ray task checkpoints its own outputs
+        return None, ()  # a Ray task checkpoints its own outputs
+    declared = assets.declared(task.outlets)
     args = dict(getattr(context["dag"], "default_args", None) or {})
     groups = []
     group = getattr(task, "task_group", None)
@@ -510,11 +528,27 @@ def _checkpoint_settings() -> CheckpointSettings | None:
     for group in reversed(groups):  # the innermost group wins
         args.update(getattr(group, "default_args", None) or {})
     if not args.get("checkpoint"):
-        return None
+        return None, declared
     path = args.get("checkpoint_path")
     if path:
         path = task.render_template(path, context)
-    return CheckpointSettings(path, args.get("checkpoint_source"))
+    settings = CheckpointSettings(path, args.get("checkpoint_source"), declared, context["outlet_events"])
+    return settings, declared
+
+
+def _plain_checkpoint(task: TaskKey) -> CheckpointSettings | None:
+    """The checkpoint settings of the plain task pushing ``task``'s output, if it checkpoints.
+
+    :raises ValueError: the task declares checkpoint assets but does not checkpoint.
+    """
+    from airflow_ray import assets
+
+    if _plain_task is None or _plain_task[0] != task:
+        return None
+    _, settings, declared = _plain_task
+    if declared and settings is None:
+        raise assets.not_checkpointed_error(task.task_id, declared)
+    return settings
 
 
 def _consumer_is_ray_task() -> bool:

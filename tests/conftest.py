@@ -37,6 +37,8 @@ os.environ.update(
         # Where the example DAGs' Ray Train/Tune runs write. Their tasks read it on the Ray
         # workers, so it is set before the session's head starts (its workers inherit it).
         "AIRFLOW_RAY_EXAMPLES_STORAGE": (HOME / "examples-storage").as_uri(),
+        # Where the checkpoint assets of tests/dags/assets.py live (their URIs are parsed).
+        "AIRFLOW_RAY_TEST_ASSETS": (HOME / "assets").as_uri(),
     }
 )
 #: The metadata DB as ``airflow db migrate`` leaves it (copied before any test writes to it):
@@ -148,7 +150,7 @@ def airflow_services(ray_cluster, tmp_path_factory):
     from tests.services import airflow_services as start
 
     examples = TESTS.parent / "examples" / "dags"
-    dags = [TESTS / "dags" / f"{name}.py" for name in ("cross_process", "gc_under_load")]
+    dags = [TESTS / "dags" / f"{name}.py" for name in ("cross_process", "gc_under_load", "assets")]
     dag_files = [*dags, *(examples / f"{name}.py" for name in EXAMPLE_DAGS)]
     with start(tmp_path_factory.mktemp("airflow-services"), dag_files) as services:
         yield services

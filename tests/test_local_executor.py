@@ -204,3 +204,26 @@ def test_a_reference_edited_through_the_rest_api_is_refused(airflow_services, xp
 
     airflow_services.api("PATCH", entry, {"value": original, "map_index": -1})
     assert rerun_transform() == "success"
+
+
+def test_checkpoint_asset_schedules_a_downstream_dag(airflow_services):
+    """``asset_producer``'s checkpoint of ``make_features`` updates the ``features`` asset; the
+    scheduler then runs ``asset_consumer`` (``schedule=[features]``), whose task reads the event."""
+    from tests.dags.assets import features
+
+    airflow_services.wait_for_dag("asset_consumer")
+    airflow_services.trigger("asset_producer", "assets1")
+    airflow_services.wait_for_run("asset_producer", "assets1")
+    checkpoint_uri = airflow_services.xcom("asset_producer", "assets1", "make_features")["checkpoint_uri"]
+
+    latest = "select run_id from dag_run where dag_id='asset_consumer' order by id desc limit 1"
+    wait(lambda: airflow_services.scalar(latest), "a run of asset_consumer", 240)
+    consumer_run = airflow_services.scalar(latest)
+    assert (
+        airflow_services.scalar("select run_type from dag_run where run_id=?", consumer_run)
+        == "asset_triggered"
+    )
+    airflow_services.wait_for_run("asset_consumer", consumer_run)
+    extra = airflow_services.xcom("asset_consumer", consumer_run, "read_event")
+    assert extra["uri"] == checkpoint_uri and extra["uri"].startswith(features.uri + "/")
+    assert extra["format"] == "parquet" and extra["rows"] == 1000 and extra["digest"].startswith("xxh3_128:")

@@ -146,6 +146,8 @@ PUBLIC_API = {
     "airflow_ray.cli.main": "stable",
     "airflow_ray.xcom.RayXComBackend": "stable",
     "airflow_ray.operators.RayPythonOperator": "beta",
+    "airflow_ray.assets.CheckpointAsset": "beta",
+    "airflow_ray.openlineage_facets.RayRunFacet": "alpha",
     **{
         f"airflow_ray.checkpoint.{name}": "beta"
         for name in (

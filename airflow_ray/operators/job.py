@@ -36,6 +36,7 @@ from airflow.sdk.exceptions import AirflowException
 from airflow_ray._api import public_api
 from airflow_ray.hooks import RayHook
 from airflow_ray.hooks.job import TERMINAL_STATES, RayJobHook
+from airflow_ray.lineage import RayLineage, RayLineageMixin
 from airflow_ray.links.dashboard import RayDashboardLink, job_url
 from airflow_ray.triggers.job import RayJobTrigger
 
@@ -50,8 +51,11 @@ _MISSING = "MISSING"
 
 
 @public_api("beta")
-class RaySubmitJobOperator(ResumableJobMixin, BaseOperator):
+class RaySubmitJobOperator(RayLineageMixin, ResumableJobMixin, BaseOperator):
     """Submits ``entrypoint`` through the Ray Jobs API and waits for it; returns the submission id.
+
+    With the OpenLineage provider, its run events carry the job's id, driver node, requested
+    resources and dashboard page (:mod:`airflow_ray.lineage`).
 
     :param entrypoint: shell command of the job, e.g. ``python train.py`` (templated).
     :param runtime_env: Ray runtime environment; a local ``working_dir`` is zipped and
@@ -115,6 +119,15 @@ class RaySubmitJobOperator(ResumableJobMixin, BaseOperator):
         self.submission_id: str | None = None
         self.ray_dashboard_link: str | None = None
         self._finished = False
+        requested = {
+            "entrypoint_num_cpus": entrypoint_num_cpus,
+            "entrypoint_num_gpus": entrypoint_num_gpus,
+            "entrypoint_memory": entrypoint_memory,
+            "entrypoint_resources": entrypoint_resources,
+        }
+        self.ray_lineage = RayLineage(
+            kind="job", resources={k: v for k, v in requested.items() if v is not None}
+        )
 
     @cached_property
     def hook(self) -> RayJobHook:
@@ -173,6 +186,7 @@ class RaySubmitJobOperator(ResumableJobMixin, BaseOperator):
         info = asyncio.run(
             self.hook.a_wait_for_job(submission_id, on_log=self._log_line, poll_interval=self.poll_interval)
         )
+        self.ray_lineage.node_id = info.get("driver_node_id")
         self._finish(submission_id, info["status"], info.get("message"))
 
     def get_job_result(self, external_id: Any, context: Context) -> str:
@@ -216,6 +230,8 @@ class RaySubmitJobOperator(ResumableJobMixin, BaseOperator):
         self.submission_id = submission_id
         dashboard = self.hook.dashboard
         self.ray_dashboard_link = job_url(dashboard.url, submission_id)
+        self.ray_lineage.job_id, self.ray_lineage.page_url = submission_id, self.ray_dashboard_link
+        self.ray_lineage.dashboard_url = dashboard.url
         if push and self.ray_dashboard_link:
             context["ti"].xcom_push(key=RayDashboardLink().xcom_key, value=self.ray_dashboard_link)
         return submission_id

@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.operators.python import PythonOperator
 
-from airflow_ray import config
+from airflow_ray import assets, config
 from airflow_ray._api import public_api
 from airflow_ray._worker.keys import TaskInstanceInfo, TaskKey
 from airflow_ray.hooks import RayHook
+from airflow_ray.lineage import RayLineage, RayLineageMixin, output_entry
 from airflow_ray.links.dashboard import RayDashboardLink, owner_url
+from airflow_ray.references import RayResult
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -45,12 +47,14 @@ _PORTABLE = (str, int, float, bool, type(None), datetime, date, timedelta)
 
 
 @public_api("beta")
-class RayPythonOperator(PythonOperator):
+class RayPythonOperator(RayLineageMixin, PythonOperator):
     """Runs ``python_callable`` as a Ray task; its return value becomes the XCom.
 
     With :class:`~airflow_ray.xcom.RayXComBackend` the return value stays in Ray's object store
     (owned by a detached owner actor) and only a small JSON reference goes to the XCom table;
-    with any other backend it is fetched and stored as usual.
+    with any other backend it is fetched and stored as usual. With the OpenLineage provider, its
+    run events say what ran where on Ray and which checkpoints it read and wrote
+    (:mod:`airflow_ray.lineage`).
 
     :param num_cpus: CPUs reserved for the task (Ray's default: 1).
     :param num_gpus: GPUs reserved for the task.
@@ -128,7 +132,10 @@ class RayPythonOperator(PythonOperator):
         self.checkpoint = checkpoint
         self.checkpoint_source = checkpoint_source
         self.checkpoint_path = checkpoint_path
+        if (declared := assets.declared(self.outlets)) and not checkpoint:
+            raise assets.not_checkpointed_error(self.task_id, declared)
         self._running = False
+        self.ray_lineage = RayLineage(kind="task", resources=_describe(self.ray_options()))
 
     def execute(self, context: Context) -> Any:
         ti = context["ti"]
@@ -137,13 +144,24 @@ class RayPythonOperator(PythonOperator):
         )
         self._context_keys = set(context)
         self._identity = TaskInstanceInfo(*self._task_key, try_number=ti.try_number)
+        self._outlet_events = context["outlet_events"]
         return super().execute(context)
 
     def execute_callable(self) -> Any:
         from airflow_ray import outputs, tasks
         from airflow_ray.owners import owner_name
 
+        lineage = self.ray_lineage
+        declared = assets.declared(self.outlets)
+        if declared and not outputs.ray_xcom_enabled():
+            raise ValueError(
+                f"Task '{self.task_id}' declares checkpoint assets, and only outputs kept in Ray's "
+                "object store are checkpointed: set AIRFLOW__CORE__XCOM_BACKEND="
+                "airflow_ray.xcom.RayXComBackend, or use a plain Asset."
+            )
         target = RayHook(self.ray_conn_id).connect()
+        owner = owner_name(self._task_key.dag_id, self._task_key.run_id)
+        lineage.owner, lineage.dashboard_url = owner, target.dashboard_url
         request = tasks.TaskRequest(
             fn=self.python_callable,
             args=tuple(self.op_args),
@@ -152,24 +170,30 @@ class RayPythonOperator(PythonOperator):
             options=self.ray_options(target.runtime_env),
             split="keys" if self.multiple_outputs else None,
             infeasible_timeout=config.infeasible_task_timeout(),
-            inline_limit=outputs.inline_limit(),
+            inline_limit=0 if declared else outputs.inline_limit(),  # an asset needs a checkpoint
         )
+        lineage.read = [h.reference for h in tasks.extract_handles((request.args, request.kwargs))[1]]
         self._running = True
         try:
             reply = tasks.run(request, self.log)
         finally:
             self._running = False
-            self.ray_dashboard_link = owner_url(
-                target.dashboard_url, owner_name(self._task_key.dag_id, self._task_key.run_id)
-            )
-        checkpoint = outputs.CheckpointSettings(self.checkpoint_path, self.checkpoint_source)
-        return outputs.publish(
+            self.ray_dashboard_link = lineage.page_url = owner_url(target.dashboard_url, owner)
+        lineage.node_id = reply.get("node_id")
+        lineage.outputs = [output_entry(o["key"], o["summary"], o.get("object_id")) for o in reply["outputs"]]
+        checkpoint = outputs.CheckpointSettings(
+            self.checkpoint_path, self.checkpoint_source, declared, self._outlet_events
+        )
+        result = outputs.publish(
             self._task_key,
             reply,
             ray_conn_id=self.ray_conn_id,
             checkpoint=checkpoint if self.checkpoint else None,
             multiple_outputs=bool(self.multiple_outputs),
         )
+        values = result.values() if self.multiple_outputs else [result]
+        lineage.written = [value.reference for value in values if isinstance(value, RayResult)]
+        return result
 
     def on_kill(self) -> None:
         """Airflow is killing this task: cancel the Ray task too (no orphaned work)."""
@@ -222,6 +246,16 @@ class RayPythonOperator(PythonOperator):
 
 
 _NOT_PORTABLE = object()
+
+
+def _describe(options: dict[str, Any]) -> dict[str, Any]:
+    """Requested resources for lineage: JSON values (a scheduling strategy object becomes its
+    repr); ``runtime_env`` is left out (its ``env_vars`` may hold secrets)."""
+    return {
+        name: value if isinstance(value, (str, int, float, bool, dict)) else repr(value)
+        for name, value in options.items()
+        if name != "runtime_env"
+    }
 
 
 def _merge_runtime_env(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
