@@ -303,4 +303,31 @@ def cluster_status(address: str) -> dict[str, Any]:
         "object_store_used_bytes": int(reply.store_stats.object_store_bytes_used),
         "object_store_capacity_bytes": int(reply.store_stats.object_store_bytes_avail),
         "object_store_num_objects": int(reply.store_stats.num_local_objects),
+        "object_store_spilled_bytes": int(reply.store_stats.spilled_bytes_total),
     }
+
+
+def airflow_ui_user() -> Any:
+    """The FastAPI dependency that says which Airflow user sent a request to the API server.
+
+    Internal Airflow API: ``airflow.api_fastapi.core_api.security.get_user``, what every route of
+    Airflow's own REST API depends on: a ``Bearer`` token, else the UI's ``_token`` cookie,
+    validated by the configured auth manager (401 without one, 403 for an invalid one). Airflow
+    mounts a plugin's FastAPI app without its own routes' dependencies, so the app must ask for
+    it (the Ray view, :mod:`airflow_ray.ui.api`). No Ray API: checked against Ray 2.60 and
+    Airflow 3.3.
+    """
+    from airflow.api_fastapi.core_api.security import get_user
+
+    return get_user
+
+
+def airflow_auth_manager() -> Any:
+    """The API server's auth manager (``is_authorized_dag``, ``get_authorized_dag_ids``...).
+
+    ``airflow.api_fastapi.app.get_auth_manager``: the instance Airflow's own routes ask; the auth
+    manager interface itself is public. No Ray API: checked against Ray 2.60 and Airflow 3.3.
+    """
+    from airflow.api_fastapi.app import get_auth_manager
+
+    return get_auth_manager()

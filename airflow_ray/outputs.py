@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow_ray import config, deployment
 from airflow_ray._worker.checkpoint.formats import PICKLE
@@ -325,9 +325,28 @@ def resolve(references: list[ObjectReference]) -> list[Any]:
     An object its owner no longer knows about, or an owner that is gone, is recovered
     (:func:`recover`).
     """
+    return [
+        recover(reference, found.why) if isinstance(found, NotHeld) else found
+        for reference, found in zip(references, lookup(references), strict=True)
+    ]
+
+
+class NotHeld(NamedTuple):
+    """An output its owner does not hold (any more), and why: what :func:`lookup` says instead of
+    an ObjectRef."""
+
+    why: str
+
+
+def lookup(references: list[ObjectReference]) -> list[Any]:
+    """The ObjectRef of each referenced object, or :class:`NotHeld`, asked of each owner in one
+    call; nothing is restored (:func:`resolve` does that).
+
+    The owners are looked up by the names in the (verified) references, never created.
+    """
     import ray
 
-    refs: list[Any] = [None] * len(references)
+    found: list[Any] = [None] * len(references)
     by_owner: dict[str, list[int]] = {}
     for i, reference in enumerate(references):
         by_owner.setdefault(reference.owner, []).append(i)
@@ -339,14 +358,13 @@ def resolve(references: list[ObjectReference]) -> list[Any]:
         except (ValueError, ray.exceptions.RayActorError):
             forget_owners()
             for i in indexes:
-                refs[i] = recover(references[i], f"its owner actor '{name}' is gone")
+                found[i] = NotHeld(f"its owner actor '{name}' is gone")
             continue
-        for i, reference, box in zip(indexes, group, boxed, strict=True):
-            if box is None:
-                refs[i] = recover(reference, "its owner no longer holds it (freed or owner restarted)")
-            else:
-                refs[i] = box[0]
-    return refs
+        for i, box in zip(indexes, boxed, strict=True):
+            found[i] = (
+                NotHeld("its owner no longer holds it (freed or owner restarted)") if box is None else box[0]
+            )
+    return found
 
 
 def recover(reference: ObjectReference, why: str) -> Any:
@@ -424,14 +442,15 @@ def references_in(data: Any) -> list[ObjectReference]:
     return []
 
 
-def release(references: list[ObjectReference]) -> None:
-    """Ask the owners to drop the given entries (their objects are freed)."""
+def release(references: list[ObjectReference]) -> int:
+    """Ask the owners to drop the given entries (their objects are freed); returns how many they
+    still held."""
     import ray
 
     from airflow_ray.hooks.ray import RayHook
 
     RayHook(references[0].ray_conn_id).connect()
-    ray.get([get_owner(r.owner).release.remote(r.entry_key) for r in references], timeout=30)
+    return sum(ray.get([get_owner(r.owner).release.remote(r.entry_key) for r in references], timeout=30))
 
 
 # --- private helpers -----------------------------------------------------------------------------

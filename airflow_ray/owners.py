@@ -65,6 +65,20 @@ def owner_names(deployment_id: str | None = None) -> list[str]:
     return [f"{prefix}-{shard}" for shard in range(config.owner_shards())]
 
 
+def running_owner_names(deployment_id: str) -> list[str]:
+    """The owners of ``deployment_id`` running on the connected cluster, of every code version
+    (what ``airflow-ray gc`` sweeps and the UI's Ray view lists)."""
+    import ray
+
+    return [
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["namespace"] == config.namespace()
+        and (parsed := parse_owner_name(actor["name"])) is not None
+        and parsed.deployment == deployment_id
+    ]
+
+
 def parse_owner_name(name: str) -> OwnerName | None:
     """The parts of an owner's name, or None for a name that is not one (any version)."""
     match = _NAME.fullmatch(name)

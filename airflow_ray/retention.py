@@ -38,7 +38,7 @@ import time
 from typing import Any
 
 from airflow_ray.outputs import OUTPUTS
-from airflow_ray.owners import parse_owner_name
+from airflow_ray.owners import running_owner_names
 from airflow_ray.references import MARKER
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def collect(
     grace = config.gc_grace_seconds() if grace_seconds is None else grace_seconds
     counts = {"kept": 0, "freed": 0, "failed": 0}
     listed: list[tuple[Any, list[dict[str, Any]]]] = []
-    for name in _owner_names(config.namespace(), deployment.current().id):
+    for name in running_owner_names(deployment.current().id):
         try:
             owner = get_owner(name)
             listed.append((owner, ray.get(owner.entries.remote())))
@@ -212,18 +212,6 @@ def _failed(counts: dict[str, int], what: str, exc: Exception) -> None:
     """One bad owner, entry or run: reported, and the sweep goes on."""
     counts["failed"] += 1
     log.warning("airflow-ray gc skipped %s: %s: %s", what, type(exc).__name__, exc)
-
-
-def _owner_names(namespace: str, deployment_id: str) -> list[str]:
-    """This deployment's owners, of every code version still running."""
-    from ray.util import list_named_actors
-
-    names = []
-    for actor in list_named_actors(all_namespaces=True):
-        parsed = parse_owner_name(actor["name"])
-        if actor["namespace"] == namespace and parsed is not None and parsed.deployment == deployment_id:
-            names.append(actor["name"])
-    return names
 
 
 def _claimed_object_ids(data: Any) -> list[str]:

@@ -74,7 +74,7 @@ def test_gc_lists_the_owners_before_it_reads_the_xcom_rows(run_dag, monkeypatch)
         )
         columns = {c.name: getattr(row, c.name) for c in XComModel.__table__.columns}
     _delete_rows(result, "produce")
-    list_owners = retention._owner_names
+    list_owners = retention.running_owner_names
 
     def list_then_write_the_row(*args):
         names = list_owners(*args)
@@ -82,16 +82,16 @@ def test_gc_lists_the_owners_before_it_reads_the_xcom_rows(run_dag, monkeypatch)
             session.add(XComModel(**columns))
         return names
 
-    monkeypatch.setattr(retention, "_owner_names", list_then_write_the_row)
+    monkeypatch.setattr(retention, "running_owner_names", list_then_write_the_row)
     retention.collect(grace_seconds=0)
     assert produced in _held(get_owner(owner_name(result.dag_id, result.run_id)))
 
 
 def test_gc_goes_on_past_an_owner_it_cannot_ask(orphan, monkeypatch):
     _, produced, owner = orphan
-    names = retention._owner_names
+    names = retention.running_owner_names
     gone = "airflow_ray_owner-v0-00000000-gone-0"  # listed, then died before it was asked
-    monkeypatch.setattr(retention, "_owner_names", lambda *args: [gone, *names(*args)])
+    monkeypatch.setattr(retention, "running_owner_names", lambda *args: [gone, *names(*args)])
     counts = retention.collect(grace_seconds=0)
     assert counts["failed"] == 1 and counts["freed"] >= 1
     assert produced not in _held(owner)

@@ -112,6 +112,32 @@ def read_manifest(
     return load_manifest(fs, dir_path)
 
 
+@translate_timeouts("Checking the manifest of", "location_or_uri")
+def check_manifest(
+    location_or_uri: CheckpointLocation | str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    expected_format: str | None,
+    expected_digest: str | None,
+) -> dict[str, Any]:
+    """Return a checkpoint's manifest if it is the one its writer recorded, without reading data.
+
+    The check :func:`read_checkpoint` makes before it reads (what the UI shows as "verified");
+    the data's own checksum is only computed by a read.
+
+    :raises CheckpointNotFoundError: no manifest at the location.
+    :raises CheckpointMismatchError: the manifest disagrees with the expected format or digest.
+    :raises CheckpointCorruptError: the manifest is not valid JSON or lacks required keys.
+    """
+    uri, options = _uri_and_options(location_or_uri, storage_options)
+    fs, dir_path = open_fs(uri, options)
+    manifest = load_manifest(fs, dir_path)
+    _check_expected(
+        display(fs, dir_path) + "/", manifest, expected_format or manifest["format"], expected_digest
+    )
+    return manifest
+
+
 @translate_timeouts("Reading the checkpoint", "location_or_uri")
 def read_checkpoint(
     location_or_uri: CheckpointLocation | str,
