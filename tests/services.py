@@ -28,6 +28,8 @@ import pytest
 from tests.conftest import TESTS, new_airflow_home
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+#: The simple auth manager's users: (role, password). The viewer may read DAGs but not edit them.
+USERS = {"admin": ("admin", "admin"), "viewer": ("viewer", "viewer")}
 
 
 @dataclass
@@ -70,13 +72,24 @@ class AirflowServices:
             timeout,
         )
 
+    def token(self, user: str = "admin") -> str:
+        """A JWT for one of :data:`USERS` from ``POST /auth/token``, as an API client gets one."""
+        request = urllib.request.Request(
+            f"{self.url}/auth/token",
+            data=json.dumps({"username": user, "password": USERS[user][1]}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())["access_token"]
+
     def api(self, method: str, path: str, body: dict[str, Any]) -> Any:
-        """Call the REST API (``/api/v2/...``) as the UI does; every caller is an admin here
-        (``simple_auth_manager_all_admins``). Cheaper than an ``airflow`` CLI process (~8 s CPU)."""
+        """Call the REST API (``/api/v2/...``) as the admin. Cheaper than an ``airflow`` CLI
+        process (~8 s CPU)."""
         request = urllib.request.Request(
             f"{self.url}/api/v2/{path}",
             data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token()}"},
             method=method,
         )
         try:
@@ -132,7 +145,10 @@ def airflow_services(
         "AIRFLOW__CORE__PARALLELISM": "8",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",  # the browser test needs no login
+        # Two users with known passwords (the browser logs in with the admin's token as its cookie)
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{role}" for u, (role, _) in USERS.items()),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
@@ -147,6 +163,7 @@ def airflow_services(
         "PYTHONPATH": str(TESTS.parent),
     }
     new_airflow_home(home)  # a copy of the session's freshly migrated DB: no `airflow db migrate`
+    (home / "passwords.json").write_text(json.dumps({u: password for u, (_, password) in USERS.items()}))
     services = AirflowServices(env=env, home=home, url=f"http://127.0.0.1:{port}")
     services.logs.mkdir()
     procs = [

@@ -8,9 +8,12 @@ saved under the directory the test prints (``AIRFLOW_RAY_SCREENSHOTS`` to choose
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -48,10 +51,16 @@ def runs(airflow_services) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def page(airflow_services):
+    """Chromium logged in as the admin: the token from ``/auth/token`` in the UI's cookie, as the
+    login page leaves it."""
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        context = browser.new_context(viewport={"width": 1440, "height": 900})
+        context.add_cookies(
+            [{"name": "_token", "value": airflow_services.token(), "url": airflow_services.url}]
+        )
+        page = context.new_page()
         page.set_default_timeout(60_000)
         yield page
         browser.close()
@@ -63,8 +72,8 @@ def test_dag_list_shows_the_examples(airflow_services, page, screenshots):
     for dag_id in EXAMPLE_DAGS:
         airflow_services.wait_for_dag(dag_id)
     page.goto(f"{airflow_services.url}/dags")
-    for dag_id in EXAMPLE_DAGS:
-        expect(page.get_by_text(dag_id, exact=True).first).to_be_visible()
+    for dag_id in EXAMPLE_DAGS:  # the first page of a login session loads for a while under load
+        expect(page.get_by_text(dag_id, exact=True).first).to_be_visible(timeout=60_000)
     page.screenshot(path=screenshots / "dags.png", full_page=True)
 
 
@@ -122,3 +131,87 @@ def test_ray_dashboard_link(airflow_services, runs, page, screenshots, dag_id, t
     href = link.get_attribute("href")
     assert href.startswith("http://127.0.0.1:") and target in href, href
     page.screenshot(path=screenshots / f"dashboard_link_{task_id}.png", full_page=True)
+
+
+# --- the Ray view (airflow_ray.ui): its tests free example_ray_basics' run, so they come last ------
+
+
+def _ray_view(airflow_services, method: str, path: str, *, user: str | None = None, headers=None):
+    """Call the Ray view's API (``/airflow-ray/api/...``): (status, JSON body)."""
+    headers = {
+        **(headers or {}),
+        **({"Authorization": f"Bearer {airflow_services.token(user)}"} if user else {}),
+    }
+    request = urllib.request.Request(
+        f"{airflow_services.url}/airflow-ray/api/{path}", headers=headers, method=method
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_ray_view_shows_the_runs_outputs_the_cluster_and_a_chart(airflow_services, runs, page, screenshots):
+    """The "Ray" tab of a run in the Airflow UI: its page in the UI's frame, filled from the JSON."""
+    from playwright.sync_api import expect
+
+    run_id = runs["example_ray_basics"]
+    page.goto(f"{airflow_services.url}/dags/example_ray_basics/runs/{run_id}/plugin/ray")  # the tab's URL
+    expect(
+        page.get_by_role("tab", name="Ray", exact=True).or_(page.get_by_text("Ray", exact=True)).first
+    ).to_be_visible()
+    view = page.frame_locator("iframe").first
+    outputs = view.locator("#outputs tbody tr")
+    expect(outputs.filter(has_text="simulate")).to_have_count(4, timeout=60_000)  # the 4 mapped arrays
+    expect(outputs.filter(has_text="simulate").first).to_contain_text("object store")
+    expect(view.locator("#totals")).to_contain_text("4 in the object store")
+    expect(view.locator("#nodes tbody tr").first).to_contain_text("yes")
+    expect(view.locator("#owners tbody tr").first).to_contain_text("answering")
+    expect(view.locator("#store-chart .run-bar").first).to_be_visible()
+    page.screenshot(path=screenshots / "ray_view_tab.png", full_page=True)
+    page.goto(f"{airflow_services.url}/airflow-ray/runs/example_ray_basics/{run_id}")  # the page alone
+    expect(page.locator("#store-chart .run-bar").first).to_be_visible(timeout=60_000)
+    expect(page.locator("#outputs tbody tr").filter(has_text="simulate")).to_have_count(4)
+    page.screenshot(path=screenshots / "ray_view.png", full_page=True)
+
+
+def test_ray_view_checks_who_may_read_and_who_may_free(airflow_services, runs):
+    run = f"example_ray_basics/{runs['example_ray_basics']}"
+    status, body = _ray_view(airflow_services, "GET", f"runs/{run}")
+    assert status == 401, body  # no token, no cookie
+    status, body = _ray_view(airflow_services, "GET", f"runs/{run}", user="viewer")
+    assert status == 200, body  # a viewer may read the DAG
+    simulated = [o for o in body["outputs"] if o["task_id"] == "simulate"]
+    assert len(simulated) == 4 and all(o["where"] == "object store" and o["node"] for o in simulated)
+    assert body["totals"]["object_store_bytes"] >= 4 * 2_000_000
+    status, body = _ray_view(airflow_services, "POST", f"free/{run}", user="viewer")
+    assert status == 403 and "may not free the Ray objects" in body["detail"], body
+    status, body = _ray_view(  # the admin's cookie alone, as a form posted from another page sends it
+        airflow_services, "POST", f"free/{run}", headers={"Cookie": f"_token={airflow_services.token()}"}
+    )
+    assert status == 403 and "X-Airflow-Ray-Request" in body["detail"], body
+    status, body = _ray_view(airflow_services, "GET", "runs/example_ray_basics/no-such-run", user="viewer")
+    assert status == 404 and "has no run 'no-such-run'" in body["detail"], body
+    status, body = _ray_view(airflow_services, "GET", f"runs/{run}", user="viewer")
+    assert all(o["where"] == "object store" for o in body["outputs"] if o["task_id"] == "simulate")  # kept
+
+
+def test_ray_view_frees_a_run_for_an_admin(airflow_services, runs, page, screenshots):
+    """The button in the page (the admin's cookie plus the page's header) frees the run's arrays,
+    says what it freed, and the run leaves the chart."""
+    from playwright.sync_api import expect
+
+    run_id = runs["example_ray_basics"]
+    run = f"example_ray_basics/{run_id}"
+    _, before = _ray_view(airflow_services, "GET", f"runs/{run}", user="viewer")
+    page.goto(f"{airflow_services.url}/airflow-ray/runs/{run}")
+    expect(page.locator("#outputs tbody tr").filter(has_text="simulate")).to_have_count(4, timeout=60_000)
+    page.get_by_role("button", name="Free this run's objects").click()
+    expect(page.locator("#freed")).to_contain_text("Freed 4 objects", timeout=60_000)
+    expect(page.locator("#totals")).to_contain_text("4 not held")
+    page.screenshot(path=screenshots / "ray_view_freed.png", full_page=True)
+    _, after = _ray_view(airflow_services, "GET", f"runs/{run}", user="viewer")
+    assert after["totals"]["object_store_bytes"] == 0 < before["totals"]["object_store_bytes"]
+    _, cluster = _ray_view(airflow_services, "GET", "cluster", user="viewer")
+    assert not [r for r in cluster["runs"] if (r["dag_id"], r["run_id"]) == ("example_ray_basics", run_id)]
