@@ -158,9 +158,8 @@ def test_ray_view_shows_the_runs_outputs_the_cluster_and_a_chart(airflow_service
 
     run_id = runs["example_ray_basics"]
     page.goto(f"{airflow_services.url}/dags/example_ray_basics/runs/{run_id}/plugin/ray")  # the tab's URL
-    expect(
-        page.get_by_role("tab", name="Ray", exact=True).or_(page.get_by_text("Ray", exact=True)).first
-    ).to_be_visible()
+    tab = page.get_by_role("link", name="Ray", exact=True)  # the run's tabs are links
+    expect(tab).to_have_attribute("href", re.compile(r"/plugin/ray$"), timeout=60_000)
     view = page.frame_locator("iframe").first
     outputs = view.locator("#outputs tbody tr")
     expect(outputs.filter(has_text="simulate")).to_have_count(4, timeout=60_000)  # the 4 mapped arrays
