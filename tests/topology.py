@@ -603,6 +603,7 @@ def api_json(url: str, token: str | None = None) -> Any:
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use: python -m tests.topology
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill PID: stop and clean up too
     with topology([TESTS / "dags" / "topology.py"]) as running:
         print(
             f"topology up in {running.timings}; airflow at {running.airflow.url}; Ctrl-C to stop", flush=True
