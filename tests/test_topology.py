@@ -34,8 +34,8 @@ def runs(celery_topology: Topology) -> dict[str, float]:
         airflow.trigger(f"topology_{conn}", RUN)
     took = {}
     for conn in CONNECTIONS:
-        airflow.wait_for_run(f"topology_{conn}", RUN, timeout=600)
-        took[conn] = time.monotonic() - began
+        wait_for_run(celery_topology, conn)
+        took[conn] = round(time.monotonic() - began, 1)
     print(f"topology start-up {celery_topology.timings}, runs {took}")
     return took
 
@@ -51,10 +51,23 @@ def task_instance(topo: Topology, conn: str, task_id: str) -> dict:
     return dict(zip(columns, row, strict=True))
 
 
-def task_log(topo: Topology, conn: str, task_id: str, attempt: int) -> Path:
-    """Where the worker on host 4 (queue ``h4``) writes a consumer's log."""
+def wait_for_run(topo: Topology, conn: str) -> None:
+    """Wait for the run of ``conn``'s DAG; fail with its task logs (every host's) unless it succeeded."""
+    try:
+        topo.airflow.wait_for_run(f"topology_{conn}", RUN, timeout=600)
+    except BaseException:
+        logs = sorted(topo.root.glob(f"h*/home/airflow/logs/dag_id=topology_{conn}/run_id={RUN}/*/*.log*"))
+        logs += sorted(topo.root.glob("h*/tmp/ray/session_*/logs/raylet.out"))
+        for path in logs:  # the first error and the end: a crashed driver's backtrace fills the end
+            text = path.read_text(errors="replace")
+            print(f"--- {path}\n{text[:3000]}\n[...]\n{text[-3000:]}")
+        raise
+
+
+def task_logs(topo: Topology, conn: str, task_id: str) -> list[Path]:
+    """The logs of every try of a consumer, written by the worker on host 4 (queue ``h4``)."""
     logs = topo.hosts[AIRFLOW_B].home / "airflow" / "logs" / f"dag_id=topology_{conn}" / f"run_id={RUN}"
-    return logs / f"task_id={task_id}" / f"attempt={attempt}.log"
+    return sorted((logs / f"task_id={task_id}").glob("attempt=*.log"))
 
 
 @pytest.mark.parametrize("conn", CONNECTIONS)
@@ -114,15 +127,11 @@ def test_consumers_restore_from_checkpoints_after_the_cluster_restarts(celery_to
     for conn in CONNECTIONS:
         topo.airflow.api("POST", f"dags/topology_{conn}/clearTaskInstances", clear)
     for conn in CONNECTIONS:
-        logs = {task_id: task_log(topo, conn, task_id, attempt=2) for task_id in CONSUMERS}
-        try:
-            topo.airflow.wait_for_run(f"topology_{conn}", RUN, timeout=600)
-        except BaseException:
-            print("\n".join(f"--- {path}\n{path.read_text()[-4000:]}" for path in logs.values()))
-            raise
+        wait_for_run(topo, conn)
+        logs = [log for task_id in CONSUMERS for log in task_logs(topo, conn, task_id)]
         for task_id in CONSUMERS:
             assert topo.airflow.xcom(f"topology_{conn}", RUN, task_id)["ok"], (conn, task_id)
         # The first consumer restores the output and registers it again: the other may read it
         # from the object store.
-        assert any("Restored the output" in log.read_text() for log in logs.values()), conn
+        assert any("Restored the output" in log.read_text() for log in logs), conn
     print(f"ray restart {restarted:.1f}s, consumers re-run {time.monotonic() - began - restarted:.1f}s")

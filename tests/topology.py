@@ -182,6 +182,7 @@ class Topology:
     timings: dict[str, float] = field(default_factory=dict)
 
     def start_ray(self) -> None:
+        """The head, then the other nodes (each ``ray start`` returns once its node runs)."""
         self.start_head()
         self.start_nodes()
 
@@ -248,6 +249,7 @@ class Topology:
         return [pid for pid in pids if str(HOST_TMP / "ray") in _cmdline(pid)]
 
     def restart_ray(self) -> None:
+        """A crash of the whole cluster and a fresh start: every object and actor is gone."""
         self.kill_ray()
         for n in (HEAD, WORKER, *QUEUES):
             shutil.rmtree(self.hosts[n].root / "tmp" / "ray", ignore_errors=True)
@@ -260,7 +262,8 @@ def topology(dag_files: list[Path]) -> Iterator[Topology]:
     if os.geteuid() != 0:
         pytest.skip("the topology needs root (network namespaces)")
     missing = [tool for tool in ("ip", "unshare", "runuser", "redis-server") if shutil.which(tool) is None]
-    missing += [] if PG_BIN is not None and (PG_BIN / "initdb").exists() else ["postgresql (initdb)"]
+    if PG_BIN is None or not (PG_BIN / "initdb").exists():
+        missing.append("postgresql (initdb)")
     if missing:
         pytest.skip(
             f"the topology needs {', '.join(missing)}: "

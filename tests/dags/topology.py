@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+from datetime import timedelta
 
 import numpy as np
 from airflow.sdk import dag, task
@@ -33,7 +34,11 @@ def digest(data: np.ndarray) -> str:
 
 
 def topology_dag(conn_id: str):
-    @dag(dag_id=f"topology_{conn_id}", schedule=None, default_args={"queue": "h3"})
+    # One retry, as in tests/dags/remote.py: under load Ray's client proxy occasionally fails to
+    # start the per-client server ("Starting Ray client server failed").
+    retry_once = {"retries": 1, "retry_delay": timedelta(seconds=0)}
+
+    @dag(dag_id=f"topology_{conn_id}", schedule=None, default_args={"queue": "h3", **retry_once})
     def reach_the_cluster():
         @ray_task(ray_conn_id=conn_id, resources={"host2": 1}, num_cpus=0.25)
         def on_host2() -> str:
