@@ -66,12 +66,18 @@ def pytest_configure(config: pytest.Config) -> None:
 #: ~45 s) run on the same xdist worker; every other file is a unit of its own, so its module
 #: fixtures are set up once. ``scripts/test`` runs two workers, each with its own Airflow home
 #: and Ray head.
-_SHARED_WORKER = {"test_local_executor.py": "airflow_services", "test_ui.py": "airflow_services"}
+_SHARED_WORKER = {
+    "test_local_executor.py": "airflow_services",
+    "test_ui.py": "airflow_services",
+    # The multi-host topology (tests/topology.py): one per machine at a time, ~2 min to start.
+    "test_topology.py": "topology",
+}
 
 
 #: The files that take longest (``scripts/test`` prints the slowest tests), started first so that
 #: the two workers end together instead of one waiting on a long file handed out last.
 _LONGEST_FIRST = (
+    "test_topology.py",
     "test_local_executor.py",
     "test_ui.py",
     "test_higgs_dags.py",

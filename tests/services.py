@@ -53,10 +53,14 @@ class AirflowServices:
         except OSError:
             return False
 
-    def scalar(self, sql: str, *params: Any) -> Any:
+    def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Query the metadata DB (``?`` placeholders)."""
         with sqlite3.connect(self.db, timeout=30) as conn:
-            row = conn.execute(sql, params).fetchone()
-        return row[0] if row else None
+            return conn.execute(sql, params).fetchall()
+
+    def scalar(self, sql: str, *params: Any) -> Any:
+        rows = self.rows(sql, *params)
+        return rows[0][0] if rows else None
 
     def airflow(self, *args: str) -> str:
         """Run the ``airflow`` CLI against this deployment."""
@@ -107,17 +111,21 @@ class AirflowServices:
         sql = "select state from dag_run where dag_id=? and run_id=?"
         wait(lambda: self.scalar(sql, dag_id, run_id) in ("success", "failed"), f"run {run_id}", timeout)
         if (state := self.scalar(sql, dag_id, run_id)) != "success":
-            with sqlite3.connect(self.db) as conn:
-                tis = conn.execute(
-                    "select task_id, map_index, state from task_instance where dag_id=? and run_id=?",
-                    (dag_id, run_id),
-                ).fetchall()
+            tis = self.rows(
+                "select task_id, map_index, state from task_instance where dag_id=? and run_id=?",
+                dag_id,
+                run_id,
+            )
             scheduler_log = (self.logs / "scheduler.log").read_text()[-3000:]
             pytest.fail(f"run {run_id} of {dag_id} ended {state}: {tis}\n{scheduler_log}")
 
+    #: The XCom value as JSON text (a JSON column in other databases).
+    xcom_value_sql = "value"
+
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1):
         value = self.scalar(
-            "select value from xcom where dag_id=? and run_id=? and task_id=? and key=? and map_index=?",
+            f"select {self.xcom_value_sql} from xcom"
+            " where dag_id=? and run_id=? and task_id=? and key=? and map_index=?",
             dag_id,
             run_id,
             task_id,

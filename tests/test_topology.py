@@ -1,0 +1,137 @@
+"""Both ways an Airflow worker host reaches a remote multi-node Ray cluster, under Celery.
+
+The hosts (``tests/topology.py``): a Ray head (host 1), a Ray worker node with the resource
+``host2`` (host 2), two Airflow Celery workers that are also zero-CPU Ray nodes (hosts 3 and
+4, queues ``h3`` and ``h4``), and PostgreSQL + Redis + the Airflow services (host 5). The same
+DAG runs twice, once per connection (``tests/dags/topology.py``): ``ray_node`` (``auto``, the
+host's own raylet) and ``ray_client`` (``ray://198.18.0.1:10001``). One run of each serves
+every test; the last test restarts the cluster and re-runs the consumers.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.topology import AIRFLOW_B, HEAD, RAY_DASHBOARD, SERVICES, WORKER, Topology, api_json
+from tests.topology import celery_topology as celery_topology  # the session fixture
+
+pytestmark = pytest.mark.slow
+
+CONNECTIONS = ("ray_node", "ray_client")
+RUN = "r1"
+CONSUMERS = ("consume_on_ray", "consume_plain")
+
+
+@pytest.fixture(scope="module")
+def runs(celery_topology: Topology) -> dict[str, float]:
+    """One run of each DAG, triggered together; returns how long each took (s)."""
+    airflow = celery_topology.airflow
+    began = time.monotonic()
+    for conn in CONNECTIONS:
+        airflow.trigger(f"topology_{conn}", RUN)
+    took = {}
+    for conn in CONNECTIONS:
+        wait_for_run(celery_topology, conn)
+        took[conn] = round(time.monotonic() - began, 1)
+    print(f"topology start-up {celery_topology.timings}, runs {took}")
+    return took
+
+
+def task_instance(topo: Topology, conn: str, task_id: str) -> dict:
+    columns = ("state", "hostname", "queue")
+    row = topo.airflow.rows(
+        f"select {', '.join(columns)} from task_instance where dag_id=? and run_id=? and task_id=?",
+        f"topology_{conn}",
+        RUN,
+        task_id,
+    )[0]
+    return dict(zip(columns, row, strict=True))
+
+
+def wait_for_run(topo: Topology, conn: str) -> None:
+    """Wait for the run of ``conn``'s DAG; fail with its task logs (every host's) unless it succeeded."""
+    try:
+        topo.airflow.wait_for_run(f"topology_{conn}", RUN, timeout=600)
+    except BaseException:
+        logs = sorted(topo.root.glob(f"h*/home/airflow/logs/dag_id=topology_{conn}/run_id={RUN}/*/*.log*"))
+        logs += sorted(topo.root.glob("h*/tmp/ray/session_*/logs/raylet.out"))
+        for path in logs:  # the first error and the end: a crashed driver's backtrace fills the end
+            text = path.read_text(errors="replace")
+            print(f"--- {path}\n{text[:3000]}\n[...]\n{text[-3000:]}")
+        raise
+
+
+def task_logs(topo: Topology, conn: str, task_id: str) -> list[Path]:
+    """The logs of every try of a consumer, written by the worker on host 4 (queue ``h4``)."""
+    logs = topo.hosts[AIRFLOW_B].home / "airflow" / "logs" / f"dag_id=topology_{conn}" / f"run_id={RUN}"
+    return sorted((logs / f"task_id={task_id}").glob("attempt=*.log"))
+
+
+@pytest.mark.parametrize("conn", CONNECTIONS)
+def test_a_ray_task_with_a_custom_resource_runs_on_the_node_that_has_it(celery_topology, runs, conn):
+    topo = celery_topology
+    assert topo.airflow.xcom(f"topology_{conn}", RUN, "on_host2") == topo.hosts[WORKER].ip
+    assert task_instance(topo, conn, "on_host2")["hostname"] == "art-h3"
+
+
+@pytest.mark.parametrize("conn", CONNECTIONS)
+def test_outputs_cross_airflow_hosts_through_the_object_store(celery_topology, runs, conn):
+    """Produced by a Ray task submitted from host 3, read on host 4 by a Ray task and a plain
+    task: both get the same bytes; the XCom row holds only the reference."""
+    topo, dag_id = celery_topology, f"topology_{conn}"
+    assert task_instance(topo, conn, "produce")["hostname"] == "art-h3"
+    for task_id in ("consume_on_ray", "consume_plain"):
+        assert task_instance(topo, conn, task_id) | {"state": None} == {
+            "state": None,
+            "hostname": "art-h4",
+            "queue": "h4",
+        }
+    reference = topo.airflow.xcom(dag_id, RUN, "produce", key="data")
+    assert reference["summary"]["bytes"] == 4 * 1024**2 and reference["ray_conn_id"] == conn, reference
+    on_ray = topo.airflow.xcom(dag_id, RUN, "consume_on_ray")
+    plain = topo.airflow.xcom(dag_id, RUN, "consume_plain")
+    assert on_ray["ok"] and plain["ok"] and on_ray["size"] == plain["size"] == 4 * 1024**2
+    assert on_ray["ray_node"] in (topo.hosts[HEAD].ip, topo.hosts[WORKER].ip)  # the nodes with CPUs
+    assert plain["airflow_host"] == topo.hosts[AIRFLOW_B].ip
+
+
+@pytest.mark.parametrize("conn", CONNECTIONS)
+def test_a_deferrable_ray_job_is_watched_by_the_triggerer(celery_topology, runs, conn):
+    topo = celery_topology
+    submission_id = topo.airflow.xcom(f"topology_{conn}", RUN, "job")
+    job = api_json(f"{RAY_DASHBOARD}/api/jobs/{submission_id}", topo.token)
+    assert job["status"] == "SUCCEEDED"
+    # The trigger's log lines (the job's output) are written on the triggerer's host.
+    logs = topo.hosts[SERVICES].home / "airflow" / "logs" / f"dag_id=topology_{conn}" / f"run_id={RUN}"
+    text = "".join(path.read_text() for path in logs.glob("task_id=job/*.log*"))
+    assert "job ran on art-h1" in text
+
+
+def test_consumers_restore_from_checkpoints_after_the_cluster_restarts(celery_topology, runs):
+    """The whole Ray cluster is killed and started again: the owners and their objects are gone.
+    The consumers, cleared and re-run on host 4, read the outputs back from the checkpoints.
+    Last in this module: it re-runs the consumers of both runs."""
+    topo = celery_topology
+    began = time.monotonic()
+    topo.restart_ray()
+    restarted = time.monotonic() - began
+    clear = {
+        "dag_run_id": RUN,
+        "task_ids": list(CONSUMERS),
+        "only_failed": False,
+        "dry_run": False,
+    }
+    for conn in CONNECTIONS:
+        topo.airflow.api("POST", f"dags/topology_{conn}/clearTaskInstances", clear)
+    for conn in CONNECTIONS:
+        wait_for_run(topo, conn)
+        logs = [log for task_id in CONSUMERS for log in task_logs(topo, conn, task_id)]
+        for task_id in CONSUMERS:
+            assert topo.airflow.xcom(f"topology_{conn}", RUN, task_id)["ok"], (conn, task_id)
+        # The first consumer restores the output and registers it again: the other may read it
+        # from the object store.
+        assert any("Restored the output" in log.read_text() for log in logs), conn
+    print(f"ray restart {restarted:.1f}s, consumers re-run {time.monotonic() - began - restarted:.1f}s")
