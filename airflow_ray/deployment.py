@@ -82,10 +82,11 @@ def init() -> tuple[Deployment, bool]:
 def _secret() -> str:
     """The stored secret, created on first use.
 
-    Two tasks of a brand-new deployment may both find no secret and both create one; each reads
-    the Variable back after writing and uses what is stored, which narrows the race to the
-    moment between the two writes. ``airflow-ray deployment`` (or a secrets backend)
-    avoids it altogether.
+    The scheduler creates it as it starts (:mod:`airflow_ray.listener`), before it queues any
+    task. Without a scheduler (``dag.test()``, ``airflow tasks test``) the first task creates it;
+    two such processes of a brand-new deployment may both find none and both create one (each
+    reads the Variable back and uses what is stored, which narrows the race to the moment between
+    the two writes). ``airflow-ray deployment`` (or a secrets backend) avoids it altogether.
     """
     value = _read_secret()
     if value is None:

@@ -4,8 +4,8 @@
   so the XCom backend cannot look up the task's ``default_args`` then. This listener runs inside
   that context and hands the backend what it will need at push time (checkpoint settings of
   plain ``@task`` s).
-* As a scheduler starts: Ray is imported before the LocalExecutor forks its workers (see
-  :func:`on_starting`).
+* As a scheduler starts: the deployment's identity is created if there is none yet, and Ray is
+  imported before the LocalExecutor forks its workers (see :func:`on_starting`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ def on_starting(component: Any) -> None:
     is safe; connecting (``ray.init``) stays in the task process. ``[ray] preload_in_scheduler``
     turns it off.
     """
-    if not _is_scheduler_job(component) or not _forks_local_tasks():
+    if not _is_scheduler_job(component):
+        return
+    _ensure_deployment_identity()
+    if not _forks_local_tasks():
         return
     from airflow_ray import config
 
@@ -48,6 +51,26 @@ def on_starting(component: Any) -> None:
         from airflow_ray.hooks import ray as _ray_hook  # noqa: F401
 
         log.info("airflow-ray: Ray %s imported before the LocalExecutor forks its workers", ray.__version__)
+
+
+def _ensure_deployment_identity() -> None:
+    """Create the deployment's secret (:mod:`airflow_ray.deployment`) before the scheduler queues
+    any task.
+
+    Otherwise the first task processes of a brand-new deployment create it, and two of them
+    running at once each wrote one: the consumer then refused the producer's reference as another
+    deployment's (seen in CI). The scheduler starts before any task it queues, so creating it
+    here leaves tasks only reading it. A failure is logged, not raised: the scheduler must start,
+    and tasks report the problem with their own clear error.
+    """
+    from airflow_ray import deployment
+
+    try:
+        found, created = deployment.init()
+    except Exception:
+        log.exception("airflow-ray: could not read or create the deployment identity")
+        return
+    log.info("airflow-ray: deployment %r (%s)", found.id, "identity created" if created else "identity found")
 
 
 def _is_scheduler_job(component: Any) -> bool:

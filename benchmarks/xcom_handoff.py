@@ -34,6 +34,15 @@ Ray worker for Ray tasks; same clock). Columns:
   and its increase over the RSS just before the task. LocalExecutor -- each task is its own
   process: ``ru_maxrss`` at the end of the task.
 
+``--cross-host`` adds production's shape (``benchmarks/_hosts.py``: the tests' multi-host
+topology, CeleryExecutor, PostgreSQL): a pandas payload (``--cross-host-mb``, 200 by default)
+from a task on Airflow host 3 to one on Airflow host 4, both Airflow hosts apart from the
+two-node Ray cluster. Airflow's XCom and the object-storage backend (``file://`` on a volume
+every host mounts: no network, the baseline's best case) against the Ray backend, once with the
+Airflow hosts as zero-CPU Ray nodes (``auto``) and once as Ray Clients (``ray://``; a plain
+producer's value goes through ``[ray] xcom_conn_id``, the Ray node connection, so that row is
+Ray tasks only).
+
 Baselines that would take too long (estimated from the largest size measured, linearly) or
 whose hex text would exceed SQLite's 1 GB value limit are reported as skipped, not run.
 Airflow's serde cannot serialize a numpy array, so default/objstore numpy is "unsupported".
@@ -120,8 +129,12 @@ def consume(value, dag_id):
 
 
 def build(spec):
-    producer = (ray_task if spec["producer"] == "ray" else task)(produce, task_id="produce")
-    consumer = (ray_task if spec["consumer"] == "ray" else task)(consume, task_id="consume")
+    def operator(fn, kind, task_id):
+        options = spec.get("options", {{}}).get(task_id, {{}})
+        return (ray_task if kind == "ray" else task)(fn, task_id=task_id, **options)
+
+    producer = operator(produce, spec["producer"], "produce")
+    consumer = operator(consume, spec["consumer"], "consume")
 
     @dag(dag_id=spec["dag_id"], schedule=None, catchup=False)
     def pipeline():
@@ -155,6 +168,9 @@ def main() -> None:
     )
     parser.add_argument("--local-sizes", default="50", help="MB for the LocalExecutor section")
     parser.add_argument("--no-local-executor", action="store_true")
+    parser.add_argument("--cross-host", action="store_true", help="add the multi-host section (root)")
+    parser.add_argument("--cross-host-mb", type=int, default=200, help="MB for the cross-host section")
+    parser.add_argument("--only-cross-host", action="store_true", help="run only the cross-host section")
     parser.add_argument("--json", type=Path, help="also write all cells as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one backend, dag.test()
     parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
@@ -168,6 +184,12 @@ def main() -> None:
 
     if args.worker:
         _worker(args, sizes, kinds)
+        return
+    if args.only_cross_host:
+        cells = _cross_host_section(args.cross_host_mb)
+        _report(cells, sizes, None)
+        if args.json:
+            args.json.write_text(json.dumps(cells, indent=2))
         return
 
     home = common.make_home("airflow-ray-xcom-")
@@ -205,6 +227,8 @@ def main() -> None:
             cells += [json.loads(line[6:]) for line in proc.splitlines() if line.startswith("CELL: ")]
         if local_sizes:
             cells += _local_executor_section(home, env, local_sizes, kinds, backends)
+        if args.cross_host:
+            cells += _cross_host_section(args.cross_host_mb)
     finally:
         common.stop_ray()
     _report(cells, sizes, ray_start)
@@ -489,18 +513,108 @@ def _local_executor_section(
     return cells
 
 
+# --- across hosts: CeleryExecutor on the multi-host topology ---------------------------------
+
+#: (DAG id prefix, backend, producer, consumer, Ray connection of the Ray tasks).
+CROSS_HOST = [
+    ("xhx", "default", "plain", "plain", None),
+    ("xhx", "objstore", "plain", "plain", None),
+    ("xhx", "ray", "plain", "plain", "ray_node"),
+    ("xhx", "ray", "plain", "ray", "ray_node"),
+    ("xhx", "ray", "ray", "ray", "ray_node"),
+    ("xhx", "ray", "ray", "plain", "ray_node"),
+    ("xhc", "ray", "ray", "ray", "ray_client"),
+    ("xhc", "ray", "ray", "plain", "ray_client"),
+]
+
+
+def _cross_host_section(mb: int) -> list[dict[str, Any]]:
+    """Each pipeline once at 1 MB (warm-up: the keeper, Ray workers, imports), then at ``mb``;
+    the producer on Airflow host 3, the consumer on host 4."""
+    import shutil
+    import tempfile
+
+    import _common as common
+    import _hosts
+
+    shared = Path(tempfile.mkdtemp(prefix="xh-cross-", dir="/tmp"))  # every host sees it
+    shared.chmod(0o755)
+    events = shared / "events.jsonl"
+    (shared / "objstore").mkdir()
+
+    def spec(prefix: str, backend: str, producer: str, consumer: str, conn: str | None, size: int) -> dict:
+        def options(kind: str, queue: str) -> dict[str, str]:
+            return {"queue": queue, **({"ray_conn_id": conn} if kind == "ray" and conn else {})}
+
+        return {
+            "dag_id": dag_id_for(backend, producer, consumer, "pandas", size, prefix=prefix),
+            "producer": producer,
+            "consumer": consumer,
+            "kind": "pandas",
+            "mb": size,
+            "options": {
+                "produce": options(producer, _hosts.HOST_3),
+                "consume": options(consumer, _hosts.HOST_4),
+            },
+            "label": backend if conn is None else f"{backend} ({conn})",  # the table's backend column
+        }
+
+    specs = [spec(*row, size) for size in (1, mb) for row in CROSS_HOST]
+    airflow_env = {
+        "AIRFLOW__CORE__XCOM_BACKEND": "xcom_handoff.TimedXCom",
+        "AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_PATH": (shared / "objstore").as_uri(),
+        "AIRFLOW__COMMON_IO__XCOM_OBJECTSTORAGE_THRESHOLD": "0",
+        "XH_EVENTS": str(events),
+        "PYTHONPATH": os.pathsep.join(str(p) for p in (Path(__file__).parents[1], Path(__file__).parent)),
+    }
+    source = DAG_TEMPLATE.format(events=str(events), specs=specs)
+    cells = []
+    common.log(f"cross-host section: starting the multi-host topology ({mb} MB)")
+    try:
+        with _hosts.celery_hosts(
+            source, [s["dag_id"] for s in specs], airflow_env=airflow_env, object_store_bytes=4 * mb * 10**6
+        ) as topo:
+            common.log(f"topology up: {topo.timings}")
+            for s in specs:
+                events.write_text("")
+                tis = _hosts.run(topo, s["dag_id"], "cross")
+                cell = _cell(
+                    "cross-host",
+                    s["label"],
+                    (s["producer"], s["consumer"]),
+                    "pandas",
+                    s["mb"],
+                    "success",
+                    tis,
+                    _events(events, s["dag_id"]),
+                )
+                cell["hosts"] = f"{tis['produce']['hostname']} -> {tis['consume']['hostname']}"
+                (value,) = topo.airflow.rows(
+                    "select length(value::text) from xcom where dag_id=? and task_id='produce'", s["dag_id"]
+                )[0]
+                cell["db_bytes"] = value
+                common.log(f"  {_one_line(cell)} [{cell['hosts']}]")
+                if s["mb"] == mb:
+                    cells.append(cell)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    return cells
+
+
 # --- the report ------------------------------------------------------------------------------
 
 
-def _report(cells: list[dict[str, Any]], sizes: list[int], ray_start: float) -> None:
+def _report(cells: list[dict[str, Any]], sizes: list[int], ray_start: float | None) -> None:
     import _common as common
 
     def f(x: Any, fmt: str = "{:.3f}") -> str:
         return "-" if x is None else fmt.format(x)
 
     print()
-    print(f"Ray head start: {ray_start:.1f} s (not included). 1 MB = 10**6 bytes.")
-    for section in ("dag.test", "LocalExecutor"):
+    if ray_start is not None:
+        print(f"Ray head start: {ray_start:.1f} s (not included).")
+    print("1 MB = 10**6 bytes.")
+    for section in ("dag.test", "LocalExecutor", "cross-host"):
         rows = []
         for c in cells:
             if c["section"] != section:
@@ -526,7 +640,7 @@ def _report(cells: list[dict[str, Any]], sizes: list[int], ray_start: float) -> 
                     rss_p,
                     rss_c,
                     {True: "yes", False: "no", None: "-"}[c.get("readonly")]
-                    if c["backend"] == "ray"
+                    if c["backend"].startswith("ray")
                     else "-",
                 ]
             )
@@ -619,12 +733,37 @@ def _targets(cells: list[dict[str, Any]]) -> list[str]:
                         f"[{section}] 500 MB pandas end-to-end, objstore {base_e2e:.1f} s vs ray {pipeline} "
                         f"{c['e2e_s']:.2f} s: {x:,.1f}x ({'met' if x >= 10 else 'NOT met'}, target >= 10x)"
                     )
+    lines += _cross_host_targets([c for c in ok if c["section"] == "cross-host"])
     ray_db = [c["db_bytes"] for c in ok if c["backend"] == "ray" and c.get("db_bytes") is not None]
     if ray_db:
         lines.append(
             f"DB bytes per Ray XCom: max {max(ray_db)} B "
             f"({'met' if max(ray_db) <= 1024 else 'NOT met'}, target <= 1 KB)"
         )
+    return lines
+
+
+def _cross_host_targets(cells: list[dict[str, Any]]) -> list[str]:
+    """Issue 14's: the Ray hand-off >= 10x faster than object storage (producer's function end ->
+    consumer's function start), a Ray consumer's pull <= 50 ms."""
+    lines = []
+    base = next((c for c in cells if c["backend"] == "objstore"), None)
+    for c in cells:
+        if not c["backend"].startswith("ray"):
+            continue
+        if base is not None:
+            x = base["e2e_s"] / c["e2e_s"]
+            lines.append(
+                f"[cross-host] {c['mb']} MB end-to-end, objstore {base['e2e_s']:.2f} s vs {c['backend']} "
+                f"{c['pipeline']} {c['e2e_s']:.2f} s: {x:,.1f}x "
+                f"({'met' if x >= 10 else 'NOT met'}, target >= 10x)"
+            )
+        if c["pipeline"].endswith("ray"):
+            verdict = "met" if c["pull_s"] <= 0.05 else "NOT met"
+            lines.append(
+                f"[cross-host] {c['backend']} {c['pipeline']} pull {c['pull_s'] * 1000:.1f} ms -> {verdict} "
+                "(target <= 50 ms)"
+            )
     return lines
 
 

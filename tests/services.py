@@ -169,6 +169,9 @@ def airflow_services(
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
         "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
         "PYTHONPATH": str(TESTS.parent),
+        # A checkpoint base of this deployment's own (tests/dags/assets.py): a base belongs to
+        # the deployment that wrote it first, and the suite's dag.test() deployment writes there too.
+        "AIRFLOW_RAY_TEST_ASSETS": (home / "assets").as_uri(),
     }
     new_airflow_home(home)  # a copy of the session's freshly migrated DB: no `airflow db migrate`
     (home / "passwords.json").write_text(json.dumps({u: password for u, (_, password) in USERS.items()}))

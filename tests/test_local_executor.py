@@ -15,10 +15,22 @@ import numpy as np
 import pytest
 import ray
 
+from airflow_ray import deployment
 from airflow_ray.references import REFERENCE_FORMAT_VERSION
 from tests.services import wait
 
 pytestmark = pytest.mark.slow
+
+
+def test_the_scheduler_creates_the_deployment_identity_before_any_task(airflow_services):
+    """A brand-new deployment's first tasks, running at once, each created a secret: the
+    consumer refused the producer's reference as another deployment's (seen in CI). The
+    scheduler now creates it as it starts; no task process creates one."""
+    scheduler_log = airflow_services.logs / "scheduler.log"
+    wait(lambda: "identity created" in scheduler_log.read_text(), "the scheduler's identity line", 120)
+    assert airflow_services.scalar("select count(*) from variable where key=?", deployment.VARIABLE) == 1
+    task_logs = airflow_services.logs.rglob("attempt=*.log")
+    assert [p for p in task_logs if "Created the Airflow Variable" in p.read_text()] == []
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from tests.topology import AIRFLOW_B, HEAD, RAY_DASHBOARD, SERVICES, WORKER, Topology, api_json
 from tests.topology import celery_topology as celery_topology  # the session fixture
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.topology]
 
 CONNECTIONS = ("ray_node", "ray_client")
 RUN = "r1"

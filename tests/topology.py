@@ -126,7 +126,11 @@ class Host:
         ]
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        return {**os.environ, "HOME": str(self.home), "TMPDIR": str(HOST_TMP), **(extra or {})}
+        """This process's environment without Ray's variables (a test process that has connected
+        to the embedded cluster carries its single-machine ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
+        which makes ``ray start`` on another host refuse to join), with the host's home and temp."""
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        return {**inherited, "HOME": str(self.home), "TMPDIR": str(HOST_TMP), **(extra or {})}
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         """A long-running service, its output in ``logs/<name>.log``."""
@@ -180,6 +184,8 @@ class Topology:
     #: Each host's environment for its Ray node.
     ray_env: dict[int, dict[str, str]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    #: Each Ray node's object store (``/dev/shm`` is shared by all hosts of this machine).
+    object_store_bytes: int = OBJECT_STORE_BYTES
 
     def start_ray(self) -> None:
         """The head, then the other nodes (each ``ray start`` returns once its node runs)."""
@@ -200,7 +206,7 @@ class Topology:
         host = self.hosts[n]
         for attempt in range(attempts):
             try:
-                host.run(_ray_start(host, f"--address={RAY_GCS}", *args), self.ray_env[n])
+                host.run(self._ray_start(host, f"--address={RAY_GCS}", *args), self.ray_env[n])
                 return
             except RuntimeError:
                 if attempt == attempts - 1:
@@ -216,7 +222,7 @@ class Topology:
         alone, and the head comes up without a client server. Then the head is started again.
         """
         head = self.hosts[HEAD]
-        args = _ray_start(
+        args = self._ray_start(
             head,
             "--head",
             "--port=6379",
@@ -235,6 +241,17 @@ class Topology:
             _kill(head.pids())
             shutil.rmtree(head.root / "tmp" / "ray", ignore_errors=True)
         raise RuntimeError(f"the Ray Client server on {head.ip}:10001 did not stay up in {attempts} starts")
+
+    def _ray_start(self, host: Host, *args: str) -> list[str]:
+        """``ray start`` on ``host``: its own address and object store."""
+        return [
+            str(VENV_BIN / "ray"),
+            "start",
+            f"--node-ip-address={host.ip}",
+            f"--object-store-memory={self.object_store_bytes}",
+            "--disable-usage-stats",
+            *args,
+        ]
 
     def kill_ray(self) -> None:
         """SIGKILL every Ray process of every node, as a crash of the whole cluster would."""
@@ -257,8 +274,17 @@ class Topology:
 
 
 @contextlib.contextmanager
-def topology(dag_files: list[Path]) -> Iterator[Topology]:
-    """Start the five hosts and their services (``dag_files`` are the DAGs); remove them on exit."""
+def topology(
+    dag_files: list[Path],
+    *,
+    airflow_env: dict[str, str] | None = None,
+    object_store_bytes: int = OBJECT_STORE_BYTES,
+) -> Iterator[Topology]:
+    """Start the five hosts and their services (``dag_files`` are the DAGs); remove them on exit.
+
+    ``airflow_env`` adds to the Airflow configuration of every Airflow host (benchmarks swap the
+    XCom backend), ``object_store_bytes`` sizes each Ray node's object store.
+    """
     if os.geteuid() != 0:
         pytest.skip("the topology needs root (network namespaces)")
     missing = [tool for tool in ("ip", "unshare", "runuser", "redis-server") if shutil.which(tool) is None]
@@ -276,7 +302,8 @@ def topology(dag_files: list[Path]) -> Iterator[Topology]:
         root.chmod(0o755)
         hosts = {n: Host(n, root / f"h{n}") for n in range(1, 6)}
         try:
-            topo = _prepare(root, hosts, dag_files)
+            topo = _prepare(root, hosts, dag_files, airflow_env or {})
+            topo.object_store_bytes = object_store_bytes
             _network(hosts)
             try:
                 _start_phases(topo)
@@ -303,7 +330,9 @@ def celery_topology() -> Iterator[Topology]:
 # --- private helpers -----------------------------------------------------------------------
 
 
-def _prepare(root: Path, hosts: dict[int, Host], dag_files: list[Path]) -> Topology:
+def _prepare(
+    root: Path, hosts: dict[int, Host], dag_files: list[Path], extra_env: dict[str, str]
+) -> Topology:
     """Directories, the cluster token (the head's, copied to every node as a deployment would)
     and the Airflow configuration shared by the Airflow hosts."""
     token = secrets.token_hex(32)
@@ -350,6 +379,7 @@ def _prepare(root: Path, hosts: dict[int, Host], dag_files: list[Path]) -> Topol
             for conn_id, address in CONNECTIONS.items()
         },
         "PYTHONPATH": str(TESTS.parent),
+        **extra_env,
     }
     home = hosts[SERVICES].home / "airflow"
     airflow = CeleryAirflow(
@@ -573,18 +603,6 @@ def _listening(ip: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(1)
         return sock.connect_ex((ip, port)) == 0
-
-
-def _ray_start(host: Host, *args: str) -> list[str]:
-    """``ray start`` on ``host``: its own address, a small object store (``/dev/shm`` is shared)."""
-    return [
-        str(VENV_BIN / "ray"),
-        "start",
-        f"--node-ip-address={host.ip}",
-        f"--object-store-memory={OBJECT_STORE_BYTES}",
-        "--disable-usage-stats",
-        *args,
-    ]
 
 
 def _client_server_died(head: Host) -> bool:
