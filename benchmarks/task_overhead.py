@@ -110,8 +110,8 @@ from airflow_ray import ray_task
 N = {n}
 KINDS = {{
     "plain": task,
-    "ray_node": functools.partial(ray_task, ray_conn_id="ray_node"),
-    "ray_client": functools.partial(ray_task, ray_conn_id="ray_client"),
+    "ray_node": functools.partial(ray_task, ray_conn_id="ray_node", num_cpus=0.5),
+    "ray_client": functools.partial(ray_task, ray_conn_id="ray_client", num_cpus=0.5),
 }}
 
 
@@ -125,7 +125,7 @@ for kind, decorator in KINDS.items():
     def chain():
         value = None
         for i in range(N):
-            value = decorator(step, task_id=f"t{{i:03d}}", num_cpus=0.5)(value)
+            value = decorator(step, task_id=f"t{{i:03d}}")(value)
 
     globals()[f"overhead_celery_{{kind}}"] = chain()
 '''
