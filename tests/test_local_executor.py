@@ -221,8 +221,7 @@ def test_a_reference_edited_through_the_rest_api_is_refused(airflow_services, xp
 def test_checkpoint_asset_schedules_a_downstream_dag(airflow_services):
     """``asset_producer``'s checkpoint of ``make_features`` updates the ``features`` asset; the
     scheduler then runs ``asset_consumer`` (``schedule=[features]``), whose task reads the event."""
-    from tests.dags.assets import features
-
+    features_uri = airflow_services.env["AIRFLOW_RAY_TEST_ASSETS"] + "/features"  # the services' own base
     airflow_services.wait_for_dag("asset_consumer")
     airflow_services.trigger("asset_producer", "assets1")
     airflow_services.wait_for_run("asset_producer", "assets1")
@@ -237,5 +236,5 @@ def test_checkpoint_asset_schedules_a_downstream_dag(airflow_services):
     )
     airflow_services.wait_for_run("asset_consumer", consumer_run)
     extra = airflow_services.xcom("asset_consumer", consumer_run, "read_event")
-    assert extra["uri"] == checkpoint_uri and extra["uri"].startswith(features.uri + "/")
+    assert extra["uri"] == checkpoint_uri and extra["uri"].startswith(features_uri + "/")
     assert extra["format"] == "parquet" and extra["rows"] == 1000 and extra["digest"].startswith("xxh3_128:")
