@@ -32,10 +32,8 @@ def on_starting(component: Any) -> None:
 
     With the fork start method the executor's workers are forked from the scheduler after this
     hook (``Job.__init__`` calls it, ``executor.start()`` comes later) and fork every task
-    process in turn, so each task process inherits Ray already imported instead of paying
-    ``import ray`` (about 1 s here) itself. Importing Ray starts no thread, so forking after it
-    is safe; connecting (``ray.init``) stays in the task process. ``[ray] preload_in_scheduler``
-    turns it off.
+    process in turn, so each task process inherits Ray already imported (:mod:`airflow_ray.preload`).
+    ``[ray] preload_in_scheduler`` turns it off.
     """
     if not _is_scheduler_job(component):
         return
@@ -45,12 +43,9 @@ def on_starting(component: Any) -> None:
     from airflow_ray import config
 
     if config.preload_in_scheduler():
-        import ray
+        from airflow_ray import preload
 
-        from airflow_ray import outputs, tasks  # noqa: F401  (what a Ray task's process uses)
-        from airflow_ray.hooks import ray as _ray_hook  # noqa: F401
-
-        log.info("airflow-ray: Ray %s imported before the LocalExecutor forks its workers", ray.__version__)
+        log.info("airflow-ray: Ray %s imported before the LocalExecutor forks", preload.RAY_VERSION)
 
 
 def _ensure_deployment_identity() -> None:

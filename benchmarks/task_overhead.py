@@ -28,7 +28,9 @@ small int on): one of ``@task``, one of ``@ray_task``, and starts a private embe
    topology): the chains run on a Celery worker on their own Airflow host against a remote
    two-node Ray cluster, the ``@ray_task`` chain once per way that host reaches Ray: as a
    zero-CPU Ray node (``auto``) and as a Ray Client (``ray://``). The keeper starts on first use
-   (the warm-up runs); PostgreSQL is the metadata DB.
+   (the warm-up runs); PostgreSQL is the metadata DB. It runs twice, each time on a topology of
+   its own: with the Celery workers importing Ray before they fork task processes (the
+   topology's default, as ``docs/deploy.md`` recommends: :mod:`airflow_ray.preload`) and without.
 
 Target (issue 2): a ``@ray_task`` adds <= 0.3 s median per task once the cluster is up.
 Numbers are medians over all tasks of all timed runs; "added" = ray - plain for the median and
@@ -131,8 +133,14 @@ for kind, decorator in KINDS.items():
 '''
 #: The Celery rows: the ``@ray_task`` chain's DAG and the row's title.
 CELERY_ROWS = {
-    "celery_ray_node": "Airflow worker host is a zero-CPU Ray node (auto)",
-    "celery_ray_client": "Airflow worker host is a Ray Client (ray://head:10001)",
+    "ray_node": "Airflow worker host is a zero-CPU Ray node (auto)",
+    "ray_client": "Airflow worker host is a Ray Client (ray://head:10001)",
+}
+#: The Celery workers' configuration, one topology each: as ``docs/deploy.md`` recommends (Ray
+#: imported before the worker forks task processes, :mod:`airflow_ray.preload`), and without it.
+CELERY_VARIANTS = {
+    "preloaded": {},  # the topology's default
+    "not preloaded": {"AIRFLOW__CELERY__EXTRA_CELERY_CONFIG": "{}"},
 }
 
 
@@ -212,8 +220,9 @@ def main() -> None:
                 results[row.key] = _local_executor_section(home, env, args, row)
             results["titles"] = {row.key: f"LocalExecutor, {row.title}" for row in rows}
         if args.celery:
-            results |= _celery_section(args)
-            results["titles"] |= {key: f"CeleryExecutor, {title}" for key, title in CELERY_ROWS.items()}
+            celery, titles = _celery_section(args)
+            results |= celery
+            results["titles"] |= titles
     finally:
         common.stop_ray()
     _report(results, args)
@@ -286,40 +295,46 @@ def _local_executor_section(
     return samples
 
 
-def _celery_section(args: argparse.Namespace) -> dict[str, Any]:
-    """Each chain once to warm up (the keeper, Ray workers, imports), then ``--celery-repeats``
-    timed runs of each, alternating; both Ray rows share the plain chain's samples."""
+def _celery_section(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """For each of :data:`CELERY_VARIANTS`, a topology of its own: each chain once to warm up (the
+    keeper, Ray workers, imports), then ``--celery-repeats`` timed runs of each, alternating;
+    both Ray rows of a variant share its plain chain's samples. Returns samples and titles by row."""
     import _hosts
 
-    kinds = ("plain", "ray_node", "ray_client")
+    results: dict[str, Any] = {}
+    titles: dict[str, str] = {}
+    kinds = ("plain", *CELERY_ROWS)
     dag_ids = {kind: f"overhead_celery_{kind}" for kind in kinds}
-    samples: dict[str, dict[str, list[float]]] = {
-        kind: {"task": [], "wall_per_task": [], "gap": []} for kind in kinds
-    }
-    common.log("CeleryExecutor section: starting the multi-host topology")
-    started = time.perf_counter()
     source = CELERY_DAG_TEMPLATE.format(n=args.local_n)
-    with _hosts.celery_hosts(source, list(dag_ids.values())) as topo:
-        common.log(f"topology up and DAGs parsed in {time.perf_counter() - started:.0f} s: {topo.timings}")
-        for repeat in range(1 + args.celery_repeats):
-            for kind, dag_id in dag_ids.items():
-                t0 = time.perf_counter()
-                tis = _hosts.run(topo, dag_id, f"r{repeat}", timeout=120 * args.local_n)
-                wall = time.perf_counter() - t0
-                ordered = [tis[t] for t in sorted(tis)]
-                durations = [ti["duration"] for ti in ordered[1:]]  # first task: cold caches
-                common.log(
-                    f"Celery {kind:10} run {repeat} ({'warm-up' if repeat == 0 else 'timed'}): "
-                    f"wall {wall:6.1f} s, task median {common.median(durations):.3f} s"
-                )
-                if repeat == 0:
-                    continue
-                samples[kind]["task"] += durations
-                samples[kind]["wall_per_task"].append(wall / args.local_n)
-                samples[kind]["gap"] += [b["start"] - a["end"] for a, b in itertools.pairwise(ordered)]
-    return {
-        key: {"plain": samples["plain"], "ray": samples[key.removeprefix("celery_")]} for key in CELERY_ROWS
-    }
+    for variant, celery_env in CELERY_VARIANTS.items():
+        samples: dict[str, dict[str, list[float]]] = {
+            kind: {"task": [], "wall_per_task": [], "gap": []} for kind in kinds
+        }
+        common.log(f"CeleryExecutor, {variant}: starting the multi-host topology")
+        started = time.perf_counter()
+        with _hosts.celery_hosts(source, list(dag_ids.values()), airflow_env=celery_env) as topo:
+            common.log(f"topology up, DAGs parsed in {time.perf_counter() - started:.0f} s: {topo.timings}")
+            for repeat in range(1 + args.celery_repeats):
+                for kind, dag_id in dag_ids.items():
+                    t0 = time.perf_counter()
+                    tis = _hosts.run(topo, dag_id, f"r{repeat}", timeout=120 * args.local_n)
+                    wall = time.perf_counter() - t0
+                    ordered = [tis[t] for t in sorted(tis)]
+                    durations = [ti["duration"] for ti in ordered[1:]]  # first task: cold caches
+                    common.log(
+                        f"Celery {variant} {kind:10} run {repeat} ({'warm-up' if repeat == 0 else 'timed'}): "
+                        f"wall {wall:6.1f} s, task median {common.median(durations):.3f} s"
+                    )
+                    if repeat == 0:
+                        continue
+                    samples[kind]["task"] += durations
+                    samples[kind]["wall_per_task"].append(wall / args.local_n)
+                    samples[kind]["gap"] += [b["start"] - a["end"] for a, b in itertools.pairwise(ordered)]
+        for kind, title in CELERY_ROWS.items():
+            key = f"celery_{kind}_{variant.replace(' ', '_')}"
+            results[key] = {"plain": samples["plain"], "ray": samples[kind]}
+            titles[key] = f"CeleryExecutor, Ray {variant} in the Celery worker, {title}"
+    return results, titles
 
 
 def _report(results: dict[str, Any], args: argparse.Namespace) -> None:

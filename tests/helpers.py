@@ -160,3 +160,21 @@ def run_dag(dag: Any, **kwargs: Any) -> RunResult:
             (ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"): str(ti.state) for ti in tis
         }
     return RunResult(dag_id=dr.dag_id, run_id=dr.run_id, state=str(dr.state), states=states)
+
+
+def doctor_verdicts(stdout: str, stderr: str = "") -> dict[str, tuple[str, str]]:
+    """``{check: (status, detail)}`` from ``airflow-ray doctor``'s output: one line per check, in
+    the documented order (Airflow's log lines, e.g. the hook's "Connected to Ray", may come
+    between them). Fails naming the output unless every check printed its verdict."""
+    from airflow_ray.doctor import CLUSTER_CHECKS
+
+    checks = [*CLUSTER_CHECKS, "dashboard", "checkpoints"]
+    statuses = ("ok", "warn", "FAILED", "skipped")
+    lines = [line.split(maxsplit=1) for line in stdout.splitlines() if line.startswith(statuses)]
+    verdicts = {}
+    for status, rest in lines:
+        name = next((n for n in checks if rest.startswith(n)), None)
+        assert name is not None, stdout
+        verdicts[name] = (status, rest[len(name) :].strip())
+    assert list(verdicts) == checks, f"{stdout}\n{stderr[-3000:]}"
+    return verdicts

@@ -1,13 +1,12 @@
-"""Checkpointed outputs survive the loss of their owner and of the whole cluster.
+"""Checkpointed outputs survive the loss of their owner.
 
-Real Airflow (``dag.test``), real Ray, checkpoints on ``file://`` (S3: ``test_checkpoint_s3.py``).
+Real Airflow (``dag.test``), real Ray, checkpoints on ``file://`` and S3. The loss of the whole
+cluster (killed and started again, consumers re-run in new task processes on another Airflow
+host) is ``tests/test_topology.py``'s last test: one cluster restart there instead of a second
+cold cluster start here (CI time).
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from airflow_ray.checkpoint import read_checkpoint
 from airflow_ray.exceptions import RayObjectLostError
 from airflow_ray.owners import forget_owners, get_owner, owner_name
 from tests.dags import checkpointed
-from tests.helpers import kill_cluster
 from tests.s3_server import aws_connection, s3_server  # noqa: F401
 
 
@@ -90,64 +88,6 @@ def test_s3_checkpoints_through_a_dag(run_dag, aws_connection, s3_server):  # no
 
     _kill_owner(result)
     assert checkpointed.digest(*_outputs(result)) == expected
-
-
-def test_cluster_loss_then_rerun_of_the_consumers_restores_identical_data(
-    run_dag, ray_cluster, tmp_path, monkeypatch
-):
-    """Run on a private cluster, crash it, re-run only the consumers of the same run on another one.
-
-    The other cluster is the session's head, which never saw the run: the consumers find none of
-    its objects and no owner that knows them, as on a fresh cluster (one cold start, not two).
-    ``airflow tasks test`` runs one task instance of an existing run through the real task
-    runner, in a new process (``dag.test`` would delete the run and start over).
-    """
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
-    from airflow_ray import cluster, config
-
-    # A private embedded cluster for the first run, so the session's head is not the one stopped.
-    monkeypatch.setenv("AIRFLOW__RAY__LOCAL_CLUSTER_DIR", str(tmp_path / "cluster"))
-    monkeypatch.setenv("AIRFLOW__RAY__LOCAL_CLUSTER_DASHBOARD", "False")  # starts twice as fast
-    monkeypatch.setenv("AIRFLOW__RAY__LOCAL_CLUSTER_KEEPER", "False")  # and faster without a keeper
-    config.clear_caches()
-    ray.shutdown()  # the next task connects anew, to the private cluster
-    try:
-        first = run_dag(checkpointed.checkpointed_dag, run_conf={"base": f"file://{tmp_path}"})
-        assert first.state == "success", first.states
-        private = cluster.current()
-        assert private is not None and private.address != ray_cluster.address
-        expected = first.xcom("consume")
-        # The cluster crashes (SIGKILL): every object of the run is gone with it. This process,
-        # one of its drivers, leaves first: a driver whose GCS dies exits.
-        ray.shutdown()
-        kill_cluster(private.temp_dir, private.address)
-        assert cluster.current() is None
-    finally:
-        cluster.stop()
-        monkeypatch.undo()
-        config.clear_caches()
-    assert cluster.current() == ray_cluster  # from here on the embedded cluster is the session's
-
-    for consumer in ("consume", "consume_on_ray"):
-        with create_session() as session:  # the re-run must write its own result
-            session.query(XComModel).filter_by(run_id=first.run_id, task_id=consumer).delete()
-        proc = subprocess.run(
-            [sys.executable, "-m", "airflow", "tasks", "test", "checkpointed", consumer, first.run_id],
-            env=os.environ,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        output = proc.stdout + proc.stderr
-        assert proc.returncode == 0, output[-5000:]
-        assert f"Connected to Ray at {ray_cluster.address}" in output, output[-5000:]
-        # The first re-run restores from the checkpoints and re-registers the objects with the
-        # session cluster's owner; the second reads them from memory again.
-        restored = "Restored the output of task 'produce'" in output
-        assert restored == (consumer == "consume"), output[-5000:]
-        assert first.xcom(consumer) == expected  # identical data, hash for hash
 
 
 def test_corrupt_checkpoint_is_an_error_naming_the_path(run_dag, tmp_path):

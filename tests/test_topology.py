@@ -5,17 +5,35 @@ The hosts (``tests/topology.py``): a Ray head (host 1), a Ray worker node with t
 4, queues ``h3`` and ``h4``), and PostgreSQL + Redis + the Airflow services (host 5). The same
 DAG runs twice, once per connection (``tests/dags/topology.py``): ``ray_node`` (``auto``, the
 host's own raylet) and ``ray_client`` (``ray://198.18.0.1:10001``). One run of each serves
-every test; the last test restarts the cluster and re-runs the consumers.
+every test. ``airflow-ray doctor`` then checks the cluster from host 3 (both connections, a wrong
+token, a killed node); the last test restarts the cluster and re-runs the consumers.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.topology import AIRFLOW_B, HEAD, RAY_DASHBOARD, SERVICES, WORKER, Topology, api_json
+from airflow_ray.doctor import CLUSTER_CHECKS
+from tests.helpers import doctor_verdicts
+from tests.services import wait
+from tests.topology import (
+    AIRFLOW_A,
+    AIRFLOW_B,
+    HEAD,
+    QUEUES,
+    RAY_DASHBOARD,
+    SERVICES,
+    WORKER,
+    Topology,
+    api_json,
+)
+from tests.topology import CONNECTIONS as CONNECTIONS_BY_ID
 from tests.topology import celery_topology as celery_topology  # the session fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.topology]
@@ -108,6 +126,73 @@ def test_a_deferrable_ray_job_is_watched_by_the_triggerer(celery_topology, runs,
     logs = topo.hosts[SERVICES].home / "airflow" / "logs" / f"dag_id=topology_{conn}" / f"run_id={RUN}"
     text = "".join(path.read_text() for path in logs.glob("task_id=job/*.log*"))
     assert "job ran on art-h1" in text
+
+
+def test_celery_workers_import_ray_before_forking_task_processes(celery_topology):
+    """``[celery] extra_celery_config = {"imports": ["airflow_ray.preload"]}`` (docs/deploy.md):
+    every process of each Celery worker (the worker and its pool, which fork the task processes)
+    has Ray's core library loaded, so no task process pays ``import ray`` itself."""
+    for n in QUEUES:
+        workers = celery_topology.hosts[n].pids("celery worker")
+        assert workers, f"no Celery worker process on host {n}"
+        for pid in workers:
+            assert "_raylet.so" in Path(f"/proc/{pid}/maps").read_text(), (n, pid)
+
+
+def doctor(topo: Topology, conn_id: str, conn: dict | None = None) -> tuple[int, dict[str, tuple[str, str]]]:
+    """``airflow-ray doctor --connection conn_id`` on Airflow host 3, as its operator would run it;
+    ``conn`` replaces the connection (e.g. a wrong token)."""
+    extra = {} if conn is None else {f"AIRFLOW_CONN_{conn_id.upper()}": json.dumps(conn)}
+    command = [sys.executable, "-m", "airflow_ray.cli", "doctor", "--connection", conn_id]
+    proc = subprocess.run(
+        topo.hosts[AIRFLOW_A].argv(command),
+        env=topo.airflow_host_env(AIRFLOW_A, extra),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return proc.returncode, doctor_verdicts(proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("conn", CONNECTIONS)
+def test_doctor_on_an_airflow_host_passes_and_names_a_wrong_token(celery_topology, runs, conn):
+    """Every check passes from an Airflow worker host (after the runs: the keeper is up, the shared
+    checkpoint base is this deployment's); the same connection with a wrong token fails there."""
+    topo = celery_topology
+    status, verdicts = doctor(topo, conn)
+    expected = dict.fromkeys(verdicts, "ok") | ({"object store": "skipped"} if conn == "ray_client" else {})
+    assert status == 0 and {name: v[0] for name, v in verdicts.items()} == expected, verdicts
+    assert verdicts["nodes"][1] == "4 alive", verdicts  # head, host 2, the two Airflow hosts' nodes
+    assert verdicts["owners"][1].endswith("the keeper's owner factory is running (warm Ray workers)")
+    assert verdicts["dashboard"][1].startswith(f"the Jobs API at {RAY_DASHBOARD} ")
+
+    address = CONNECTIONS_BY_ID[conn]
+    status, verdicts = doctor(topo, conn, {"conn_type": "ray", "host": address, "password": "0" * 64})
+    assert status == 1
+    assert verdicts["reachable"][0] == "ok" and verdicts["token"][0] == "FAILED", verdicts
+    assert f"token sent: the password of Airflow connection '{conn}'" in verdicts["token"][1]
+
+
+def test_doctor_reports_a_killed_ray_node(celery_topology, runs):
+    """Host 2's Ray node is killed (a host crash): once the head has declared it dead, the doctor
+    on host 3 fails the ``nodes`` check, naming the node and what to do. The next test restarts
+    the whole cluster, host 2 with it."""
+    topo = celery_topology
+    topo.kill_node(WORKER)
+    wait(lambda: _node_state(topo, topo.hosts[WORKER].ip) == "DEAD", "the head to declare host 2 dead", 120)
+
+    status, verdicts = doctor(topo, "ray_node")
+    assert status == 1
+    assert [verdicts[name][0] for name in CLUSTER_CHECKS[:5]] == ["ok"] * 5, verdicts
+    state, detail = verdicts["nodes"]
+    assert state == "FAILED" and detail.startswith("1 of 4 nodes died unexpectedly: "), detail
+    assert f"at {topo.hosts[WORKER].ip} (" in detail and "Restart the node" in detail
+
+
+def _node_state(topo: Topology, ip: str) -> str | None:
+    """The state (``ALIVE``/``DEAD``) of the Ray node at ``ip``, from the head's state API."""
+    nodes = api_json(f"{RAY_DASHBOARD}/api/v0/nodes?detail=1", topo.token)["data"]["result"]["result"]
+    return next((node["state"] for node in nodes if node["node_ip"] == ip), None)
 
 
 def test_consumers_restore_from_checkpoints_after_the_cluster_restarts(celery_topology, runs):

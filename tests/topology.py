@@ -149,9 +149,11 @@ class Host:
             )
         return proc.stdout
 
-    def pids(self) -> list[int]:
+    def pids(self, command_containing: str = "") -> list[int]:
+        """This host's processes (those whose command line contains ``command_containing``)."""
         out = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True).stdout
-        return [int(pid) for pid in out.split()]
+        pids = [int(pid) for pid in out.split()]
+        return [pid for pid in pids if not command_containing or command_containing in _cmdline(pid)]
 
 
 @dataclass
@@ -257,6 +259,15 @@ class Topology:
         """SIGKILL every Ray process of every node, as a crash of the whole cluster would."""
         _kill([pid for n in (HEAD, WORKER, *QUEUES) for pid in self._ray_pids(n)])
 
+    def kill_node(self, n: int) -> None:
+        """SIGKILL the Ray node of host ``n`` (raylet, object store, workers), as a host crash would."""
+        _kill(self._ray_pids(n))
+
+    def airflow_host_env(self, n: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of Airflow's processes on host ``n`` (a Celery worker's, a CLI's)."""
+        host = self.hosts[n]
+        return host.env({**self.airflow_env, "AIRFLOW_HOME": str(host.home / "airflow"), **(extra or {})})
+
     def _ray_pids(self, n: int) -> list[int]:
         """Ray's processes on host ``n``: those naming the host's Ray temp path (raylet, agents,
         workers, GCS), and on the head and host 2, which run nothing else, every process."""
@@ -358,6 +369,8 @@ def _prepare(
         "AIRFLOW__CELERY__BROKER_URL": f"redis://{services}:{REDIS_PORT}/0",
         "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql://{db}",
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+        # As docs/deploy.md recommends: Ray imported before the worker forks task processes.
+        "AIRFLOW__CELERY__EXTRA_CELERY_CONFIG": json.dumps({"imports": ["airflow_ray.preload"]}),
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
         "AIRFLOW__CORE__PARALLELISM": "8",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
@@ -491,12 +504,10 @@ def _start_airflow(topo: Topology) -> None:
     for name in ("api-server", "scheduler", "dag-processor", "triggerer"):
         host.start(name, [*airflow, name], topo.airflow.env)
     for n, queue in QUEUES.items():
-        worker = topo.hosts[n]
-        env = worker.env({**topo.airflow_env, "AIRFLOW_HOME": str(worker.home / "airflow")})
-        worker.start(
+        topo.hosts[n].start(
             "celery-worker",
             [*airflow, "celery", "worker", "--queues", queue, "--celery-hostname", f"{queue}@art-h{n}"],
-            env,
+            topo.airflow_host_env(n),
         )
     wait(topo.airflow.api_ready, "the api-server", 240)
     for n in QUEUES:

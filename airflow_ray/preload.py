@@ -1,0 +1,26 @@
+"""Imported, it loads Ray and what a ``@ray_task``'s process uses, so that the processes forked
+after it start with them loaded.
+
+Airflow runs each task in a new process forked from a long-lived one: the LocalExecutor's
+workers (forked from the scheduler) and a Celery worker's pool processes fork one per task.
+``import ray`` costs a task process about 1 s (2 cores, measured in ``docs/benchmarks.md``);
+a parent that imported it first passes it on for free. Importing Ray starts no thread, so
+forking after it is safe; connecting (``ray.init``) stays in the task process.
+
+* The scheduler imports this module for its LocalExecutor (:func:`airflow_ray.listener.on_starting`,
+  ``[ray] preload_in_scheduler``).
+* A Celery worker imports it when its configuration lists it, before it forks its pool::
+
+      [celery]
+      extra_celery_config = {"imports": ["airflow_ray.preload"]}
+"""
+
+from __future__ import annotations
+
+import ray
+
+from airflow_ray import outputs, tasks  # noqa: F401  (what a Ray task's process uses)
+from airflow_ray.hooks import ray as _ray_hook  # noqa: F401
+
+#: The Ray release loaded (logged by whoever preloads it).
+RAY_VERSION: str = ray.__version__
