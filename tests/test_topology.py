@@ -32,6 +32,7 @@ from tests.topology import (
     WORKER,
     Topology,
     api_json,
+    cmdline,
 )
 from tests.topology import CONNECTIONS as CONNECTIONS_BY_ID
 from tests.topology import celery_topology as celery_topology  # the session fixture
@@ -130,13 +131,14 @@ def test_a_deferrable_ray_job_is_watched_by_the_triggerer(celery_topology, runs,
 
 def test_celery_workers_import_ray_before_forking_task_processes(celery_topology):
     """``[celery] extra_celery_config = {"imports": ["airflow_ray.preload"]}`` (docs/deploy.md):
-    every process of each Celery worker (the worker and its pool, which fork the task processes)
-    has Ray's core library loaded, so no task process pays ``import ray`` itself."""
+    each Celery worker's main process and its pool processes (which fork the task processes,
+    Celery names them ``[celeryd: ...]``) have Ray's core library loaded, so no task process pays
+    ``import ray`` itself."""
     for n in QUEUES:
-        workers = celery_topology.hosts[n].pids("celery worker")
-        assert workers, f"no Celery worker process on host {n}"
-        for pid in workers:
-            assert "_raylet.so" in Path(f"/proc/{pid}/maps").read_text(), (n, pid)
+        celeryd = celery_topology.hosts[n].pids("[celeryd: ")
+        assert any("ForkPoolWorker" in cmdline(pid) for pid in celeryd), f"no Celery pool on host {n}"
+        for pid in celeryd:
+            assert "_raylet.so" in Path(f"/proc/{pid}/maps").read_text(), (n, cmdline(pid))
 
 
 def doctor(topo: Topology, conn_id: str, conn: dict | None = None) -> tuple[int, dict[str, tuple[str, str]]]:
