@@ -317,7 +317,9 @@ def _celery_section(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
             for repeat in range(1 + args.celery_repeats):
                 for kind, dag_id in dag_ids.items():
                     t0 = time.perf_counter()
-                    tis = _hosts.run(topo, dag_id, f"r{repeat}", timeout=120 * args.local_n)
+                    state, tis = _hosts.run(topo, dag_id, f"r{repeat}", timeout=120 * args.local_n)
+                    if state != "success":
+                        raise RuntimeError(f"{dag_id} run r{repeat} ended {state}: {tis}")
                     wall = time.perf_counter() - t0
                     ordered = [tis[t] for t in sorted(tis)]
                     durations = [ti["duration"] for ti in ordered[1:]]  # first task: cold caches
