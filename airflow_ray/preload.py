@@ -9,10 +9,14 @@ forking after it is safe; connecting (``ray.init``) stays in the task process.
 
 * The scheduler imports this module for its LocalExecutor (:func:`airflow_ray.listener.on_starting`,
   ``[ray] preload_in_scheduler``).
-* A Celery worker imports it when its configuration lists it, before it forks its pool::
+* A Celery worker imports it when its configuration lists it, before it forks its pool (add
+  the entry to an ``extra_celery_config`` you already have)::
 
       [celery]
       extra_celery_config = {"imports": ["airflow_ray.preload"]}
+
+Stability: stable (changes only in a major release, after a deprecation warning): the module path
+is written into Airflow configurations.
 """
 
 from __future__ import annotations

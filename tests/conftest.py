@@ -70,6 +70,7 @@ _SHARED_WORKER = {
     "test_local_executor.py": "airflow_services",
     "test_ui.py": "airflow_services",
     # The multi-host topology (tests/topology.py): one per machine at a time, ~2 min to start.
+    # (scripts/test runs it in a pytest of its own; this matters when it is named with others.)
     "test_topology.py": "topology",
 }
 

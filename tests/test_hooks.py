@@ -482,3 +482,48 @@ def test_the_token_file_goes_to_the_embedded_dashboard_only(ray_cluster, monkeyp
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
     dashboard = RayJobHook("no_such_connection").get_dashboard()
     assert dashboard.local_token and dashboard.token == cluster.ensure_token().read_text().strip()
+
+
+@pytest.mark.parametrize(
+    ("address", "failures", "outcome"),
+    [
+        ("ray://head:10001", 2, "connected"),  # lost the race twice, the third connection works
+        ("ray://head:10001", 3, "raised"),  # three times: the error, not a fourth try
+        ("head:6379", 1, "raised"),  # a driver address: not Ray Client's race, never retried
+    ],
+)
+def test_ray_client_connects_again_when_its_server_did_not_start(monkeypatch, address, failures, outcome):
+    """Ray Client's proxy loses a fork race when connections arrive together ("Starting Ray
+    client server failed", seen in tests/test_topology.py whenever two consumers on one host
+    connected at once). The race cannot be provoked on demand, so ``ray.init`` is replaced here
+    by one that fails ``failures`` times with the proxy's own message; no cluster is involved."""
+    import ray
+
+    from airflow_ray.hooks import ray as ray_hook
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs["address"])
+        if len(calls) <= failures:
+            raise ConnectionAbortedError(
+                "Initialization failure from server:\nRuntimeError: Starting Ray client server failed. "
+                "See ray_client_server_23002.err for detailed logs."
+            )
+        return "context"
+
+    pauses = []
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray_hook.time, "sleep", pauses.append)
+    target = ray_hook.RayTarget(address=address, source="a test")
+    hook = RayHook("ray_test")
+
+    if outcome == "connected":
+        assert hook._init(target, {"address": address}) == "context"
+    else:
+        with pytest.raises(ConnectionAbortedError, match="Starting Ray client server failed"):
+            hook._init(target, {"address": address})
+    assert len(calls) == (failures + 1 if outcome == "connected" else failures)
+    assert len(pauses) == len(calls) - 1  # a pause before each new connection
+    assert all(0.5 * n <= pause <= 2.0 * n for n, pause in enumerate(pauses, start=1))

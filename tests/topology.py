@@ -24,7 +24,9 @@ records as the task instance's hostname) and mount namespace, where ``/tmp/art_t
 has the same temp path with its own contents, as on real hosts. That matters: a worker node
 writes its cluster address (``ray_current_cluster``, read by ``address="auto"``) under the
 head's temp path, and with per-host paths a driver's ``auto`` found no file and fell back to
-any ``gcs_server`` process on the machine, another engineer's included. Each namespace has an
+any ``gcs_server`` process on the machine, another engineer's included. And its own PID
+namespace (:meth:`Host.boot`): a driver that joins with ``auto`` chooses its node among the
+raylet processes it sees, so seeing every host's made it choose the head's. Each host has an
 on-link default route (no gateway, nothing forwards it): Ray finds a node's IP by connecting a
 UDP socket to 8.8.8.8 (no packet is sent); without a route it falls back to 127.0.0.1 and a
 driver on a zero-CPU node waits forever for a raylet there.
@@ -82,10 +84,20 @@ QUEUES = {AIRFLOW_A: "h3", AIRFLOW_B: "h4"}
 #: Airflow connections of every Airflow host: both ways an Airflow worker reaches the cluster.
 CONNECTIONS = {"ray_node": "auto", "ray_client": RAY_CLIENT}
 OBJECT_STORE_BYTES = 200 * 1024**2
-#: The hosts' processes run ahead of everything else on the machine: the topology's tests run
-#: beside the rest of the suite (``scripts/test``), and Ray gives a raylet 30 s to register
+#: ``ray start`` on the hosts runs ahead of everything else on the machine: the topology's tests
+#: run beside the rest of the suite (``scripts/test``), and Ray gives a raylet 30 s to register
 #: with the GCS, which its nodes missed at equal priority on 2 loaded cores.
 NICE = -10
+#: PID 1 of each host: reaps the processes orphaned there (``ray start`` leaves its daemons).
+_REAPER_MARK = "art-reaper"
+_REAPER = f"""# {_REAPER_MARK}
+import os, time
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        time.sleep(1)
+"""
 
 
 @dataclass
@@ -94,6 +106,10 @@ class Host:
 
     number: int
     root: Path
+    #: PID 1 of the host's PID namespace (:meth:`boot`), as this machine's root namespace sees it.
+    init_pid: int = 0
+    #: The processes holding the host's namespaces: ``unshare`` and PID 1.
+    holders: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
@@ -111,26 +127,42 @@ class Host:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    def boot(self) -> None:
+        """The host's own namespaces, held by a reaper as PID 1 that every command then enters.
+
+        UTS: its hostname (``art-hN``, which Airflow records as a task instance's hostname).
+        Mount: its own ``/tmp/art_tmp`` and ``/proc``. PID: it sees only its own processes, as a
+        real host does. That matters to Ray: a driver joining with ``address="auto"`` picks its
+        node among the raylet processes it can see, and preferred the head's when it saw every
+        host's; it then told the cluster the head's IP as its own, and whatever a Ray worker had
+        to fetch from that driver (a plain task's output handed to its owner) never arrived.
+        """
+        setup = (
+            f"hostname art-h{self.number} && mount --bind {self.root / 'tmp'} {HOST_TMP}"
+            f' && exec "{sys.executable}" -c "$1"'
+        )
+        unshare = ["unshare", "--uts", "--mount", "--pid", "--fork", "--mount-proc", "sh", "-c", setup]
+        with open(self.logs / "init.log", "w") as log:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.name, *unshare, "sh", _REAPER],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+
+        def reaping() -> bool:  # PID 1 exec'd the reaper: the hostname and mounts are in place
+            pids = children.read_text().split() if children.exists() else []
+            return bool(pids) and _REAPER_MARK in cmdline(int(pids[0]))
+
+        wait(reaping, f"{self.name}'s namespaces", 60)
+        self.init_pid = int(children.read_text().split()[0])
+        self.holders = (proc.pid, self.init_pid)
+
     def argv(self, args: list[str]) -> list[str]:
-        """``args`` run on this host: its namespaces, hostname and private ``/tmp/art_tmp``, at a
-        higher CPU priority than the test processes beside it (see :data:`NICE`)."""
-        enter = f'hostname art-h{self.number} && mount --bind {self.root / "tmp"} {HOST_TMP} && exec "$@"'
-        return [
-            "nice",
-            f"-n{NICE}",
-            "ip",
-            "netns",
-            "exec",
-            self.name,
-            "unshare",
-            "--uts",
-            "--mount",
-            "sh",
-            "-c",
-            enter,
-            "sh",
-            *args,
-        ]
+        """``args`` run on this host: in its network, UTS, mount and PID namespaces."""
+        namespaces = ["--net", "--uts", "--mount", "--pid"]
+        return ["nsenter", f"--target={self.init_pid}", *namespaces, "--", *args]
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         """This process's environment without Ray's variables (a test process that has connected
@@ -254,6 +286,8 @@ class Topology:
     def _ray_start(self, host: Host, *args: str) -> list[str]:
         """``ray start`` on ``host``: its own address and object store."""
         return [
+            "nice",
+            f"-n{NICE}",
             str(VENV_BIN / "ray"),
             "start",
             f"--node-ip-address={host.ip}",
@@ -277,11 +311,12 @@ class Topology:
 
     def _ray_pids(self, n: int) -> list[int]:
         """Ray's processes on host ``n``: those naming the host's Ray temp path (raylet, agents,
-        workers, GCS), and on the head and host 2, which run nothing else, every process."""
-        pids = self.hosts[n].pids()
+        workers, GCS), and on the head and host 2, which run nothing else, every process but
+        those holding the host's namespaces."""
+        host = self.hosts[n]
         if n in (HEAD, WORKER):
-            return pids
-        return [pid for pid in pids if str(HOST_TMP / "ray") in cmdline(pid)]
+            return [pid for pid in host.pids() if pid not in host.holders]
+        return host.pids(str(HOST_TMP / "ray"))
 
     def restart_ray(self) -> None:
         """A crash of the whole cluster and a fresh start: every object and actor is gone."""
@@ -305,7 +340,8 @@ def topology(
     """
     if os.geteuid() != 0:
         pytest.skip("the topology needs root (network namespaces)")
-    missing = [tool for tool in ("ip", "unshare", "runuser", "redis-server") if shutil.which(tool) is None]
+    tools = ("ip", "unshare", "nsenter", "runuser", "redis-server")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if PG_BIN is None or not (PG_BIN / "initdb").exists():
         missing.append("postgresql (initdb)")
     if missing:
@@ -323,6 +359,8 @@ def topology(
             topo = _prepare(root, hosts, dag_files, airflow_env or {})
             topo.object_store_bytes = object_store_bytes
             _network(hosts)
+            for host in hosts.values():
+                host.boot()
             try:
                 _start_phases(topo)
             except Exception:
@@ -340,7 +378,11 @@ def topology(
 
 @pytest.fixture(scope="session")
 def celery_topology() -> Iterator[Topology]:
-    """The topology with ``tests/dags/topology.py``, shared by every multi-host test."""
+    """The topology with ``tests/dags/topology.py``, shared by every multi-host test.
+
+    A SIGTERM (``scripts/test`` stopped, a CI timeout) ends the session like Ctrl-C, so the hosts
+    are removed and the lock released instead of left running."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with topology([TESTS / "dags" / "topology.py"]) as topo:
         yield topo
 

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import threading
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -49,6 +51,8 @@ if TYPE_CHECKING:
     from airflow.sdk import Connection
 
 _connect_lock = threading.Lock()
+#: Connections tried through Ray Client when its proxy failed to start the connection's server.
+CLIENT_SERVER_ATTEMPTS = 3
 _connected: RayTarget | None = None
 #: What ``_connected`` was resolved from: (connection id, RAY_URL, RAY_ADDRESS).
 _connected_for: tuple[str, str | None, str | None] | None = None
@@ -177,8 +181,7 @@ class RayHook(BaseHook):
                 **target.init_kwargs,
             }
             try:
-                with compat.client_version_check_deferred() if target.is_client else nullcontext():
-                    context = ray.init(**kwargs)
+                context = self._init(target, kwargs)
             except ConnectionError as exc:
                 raise RayConnectionError(
                     f"Could not connect to the Ray cluster at {target.describe()}: {exc}"
@@ -191,6 +194,38 @@ class RayHook(BaseHook):
             _connected, _connected_for = target, resolved_from
             self.log.info("Connected to Ray at %s", target.describe())
             return target
+
+    def _init(self, target: RayTarget, kwargs: dict[str, Any]) -> Any:
+        """``ray.init``; through Ray Client, again after a short random pause when the client
+        server's proxy failed to start a server for this connection.
+
+        The proxy forks one server per connection, and when connections arrive together it
+        sometimes loses that race ("Starting Ray client server failed"): seen whenever two tasks
+        on one Airflow host connected at the same moment (tests/test_topology.py); a connection
+        made a moment later gets its server.
+        """
+        import ray
+
+        attempt = 1
+        while True:
+            try:
+                with compat.client_version_check_deferred() if target.is_client else nullcontext():
+                    return ray.init(**kwargs)
+            except ConnectionError as exc:
+                lost_race = target.is_client and "Starting Ray client server failed" in str(exc)
+                if not lost_race or attempt == CLIENT_SERVER_ATTEMPTS:
+                    raise
+            ray.shutdown()  # whatever the failed attempt left
+            pause = random.uniform(0.5, 2.0) * attempt
+            self.log.warning(
+                "Ray Client: the server for this connection did not start (attempt %d of %d); "
+                "connecting again in %.1f s",
+                attempt,
+                CLIENT_SERVER_ATTEMPTS,
+                pause,
+            )
+            time.sleep(pause)
+            attempt += 1
 
     def test_connection(self) -> tuple[bool, str]:
         """Probe the cluster without becoming a driver (used by the UI's Test button)."""
