@@ -21,8 +21,8 @@ def remote_client():
     def numbers() -> list[int]:
         return [1, 2, 3]
 
-    # Under load Ray's client proxy occasionally fails to start the per-client server
-    # ("Starting Ray client server failed"); an Airflow retry is the remedy users have too.
+    # Ray's client proxy occasionally fails to start the per-client server ("Starting Ray client
+    # server failed"); the hook connects again up to 3 times, and a retry is what users add too.
     @ray_task(num_cpus=0.25, retries=1, retry_delay=timedelta(seconds=0))
     def describe(xs: list[int]) -> list:
         import ray

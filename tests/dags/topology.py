@@ -34,8 +34,8 @@ def digest(data: np.ndarray) -> str:
 
 
 def topology_dag(conn_id: str):
-    # One retry, as in tests/dags/remote.py: under load Ray's client proxy occasionally fails to
-    # start the per-client server ("Starting Ray client server failed").
+    # One retry, as in tests/dags/remote.py: Ray's client proxy occasionally fails to start the
+    # per-client server ("Starting Ray client server failed") more often than the hook retries.
     retry_once = {"retries": 1, "retry_delay": timedelta(seconds=0)}
 
     @dag(dag_id=f"topology_{conn_id}", schedule=None, default_args={"queue": "h3", **retry_once})
