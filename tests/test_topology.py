@@ -119,6 +119,20 @@ def test_outputs_cross_airflow_hosts_through_the_object_store(celery_topology, r
 
 
 @pytest.mark.parametrize("conn", CONNECTIONS)
+def test_a_plain_tasks_output_is_handed_to_its_owner_and_read_on_another_host(celery_topology, runs, conn):
+    """A plain task on host 3 returns 4 MiB: the Ray XCom backend (through ``ray_node``, the
+    topology's ``[ray] xcom_conn_id``) hands it to the run's owner, whose Ray worker on the head
+    fetches it from host 3's node; a Ray task on host 4 reads it. This hung while host 3's
+    drivers told the cluster the head's IP as their own (``Host.boot``)."""
+    topo, dag_id = celery_topology, f"topology_{conn}"
+    assert task_instance(topo, conn, "produce_plain")["hostname"] == "art-h3"
+    assert task_instance(topo, conn, "consume_plain_output")["hostname"] == "art-h4"
+    reference = topo.airflow.xcom(dag_id, RUN, "produce_plain", key="data")
+    assert reference["summary"]["bytes"] == 4 * 1024**2 and reference["ray_conn_id"] == "ray_node", reference
+    assert topo.airflow.xcom(dag_id, RUN, "consume_plain_output") == {"ok": True, "size": 4 * 1024**2}
+
+
+@pytest.mark.parametrize("conn", CONNECTIONS)
 def test_a_deferrable_ray_job_is_watched_by_the_triggerer(celery_topology, runs, conn):
     topo = celery_topology
     submission_id = topo.airflow.xcom(f"topology_{conn}", RUN, "job")

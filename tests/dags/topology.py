@@ -73,10 +73,21 @@ def topology_dag(conn_id: str):
             poll_interval=1,
         )
 
+        @task(multiple_outputs=True)  # on host 3: the XCom backend hands "data" to the run's owner
+        def produce_plain() -> dict:
+            data = np.frombuffer(np.random.default_rng().bytes(PAYLOAD_BYTES), dtype=np.uint8)
+            return {"data": data, "digest": digest(data)}
+
+        @ray_task(ray_conn_id=conn_id, num_cpus=0.25, queue="h4")
+        def consume_plain_output(data: np.ndarray, expected: str) -> dict:
+            return {"ok": digest(data) == expected, "size": data.size}
+
         on_host2()
         out = produce()
         consume_on_ray(out["data"], out["digest"])
         consume_plain(out["data"], out["digest"])
+        plain = produce_plain()
+        consume_plain_output(plain["data"], plain["digest"])
 
     return reach_the_cluster()
 
