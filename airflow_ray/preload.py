@@ -3,9 +3,10 @@ after it start with them loaded.
 
 Airflow runs each task in a new process forked from a long-lived one: the LocalExecutor's
 workers (forked from the scheduler) and a Celery worker's pool processes fork one per task.
-``import ray`` costs a task process about 1 s (2 cores, measured in ``docs/benchmarks.md``);
-a parent that imported it first passes it on for free. Importing Ray starts no thread, so
-forking after it is safe; connecting (``ray.init``) stays in the task process.
+Importing them costs each task process 0.5-0.7 s (2 cores, ``docs/benchmarks.md``: 0.58 s per
+Celery task, 0.70 s per LocalExecutor task); a parent that imported them first passes them on
+for free. Importing Ray starts no thread, so forking after it is safe; connecting
+(``ray.init``) stays in the task process.
 
 * The scheduler imports this module for its LocalExecutor (:func:`airflow_ray.listener.on_starting`,
   ``[ray] preload_in_scheduler``).
