@@ -114,25 +114,36 @@ def loopback_head(ray: str, *, extra_args: Sequence[str] = (), cwd: str | None =
 
     cluster.ensure_token()
     temp_dir = tempfile.mkdtemp(prefix="arh-", dir="/tmp")  # short: Ray's socket paths
-    port = _free_port()
-    start = [
-        ray,
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={port}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        "--include-dashboard=false",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-        *extra_args,
-    ]
     env = {**os.environ, **cluster.LOCAL_ENV, "PYTHONPATH": ""}
+    address = ""
     try:
-        subprocess.run(start, env=env, check=True, capture_output=True, timeout=180, cwd=cwd)
-        yield f"127.0.0.1:{port}"
+        for attempt in range(1, 4):
+            port = _free_port()
+            address = f"127.0.0.1:{port}"
+            start = [
+                ray,
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={port}",
+                f"--dashboard-agent-listen-port={_free_port()}",
+                "--include-dashboard=false",
+                f"--temp-dir={temp_dir}",
+                "--disable-usage-stats",
+                *extra_args,
+            ]
+            proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180, cwd=cwd)
+            if proc.returncode == 0:
+                break
+            # Ray gives the raylet 30 s to register; beside the multi-host topology's start (its
+            # Ray nodes run at a higher priority) a head missed it. Start it again, from scratch.
+            kill_cluster(temp_dir, address)
+            if attempt == 3:
+                output = f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+                raise RuntimeError(f"ray start --head failed 3 times, the last:\n{output}")
+        yield address
     finally:
-        kill_cluster(temp_dir, f"127.0.0.1:{port}")  # killed, not stopped: faster by 10 s
+        kill_cluster(temp_dir, address)  # killed, not stopped: faster by 10 s
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
