@@ -61,12 +61,8 @@ def run(topo: Any, dag_id: str, run_id: str, timeout: float = 900) -> tuple[str,
     state and its task instances by task id (epoch-second start and end, duration, the Airflow
     host that ran it). A failed run is returned, not raised: a baseline may fail where Ray's
     backend does not, and the table says so."""
-    from tests.services import wait
-
     topo.airflow.trigger(dag_id, run_id)
-    sql = "select state from dag_run where dag_id=? and run_id=?"
-    wait(lambda: topo.airflow.scalar(sql, dag_id, run_id) in ("success", "failed"), f"run {run_id}", timeout)
-    state = topo.airflow.scalar(sql, dag_id, run_id)
+    state = topo.airflow.wait_for_end(dag_id, run_id, timeout)
     columns = ("task_id", "state", "hostname", "start", "end")
     rows = topo.airflow.rows(
         "select task_id, state, hostname, extract(epoch from start_date)::float8, "

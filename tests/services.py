@@ -106,11 +106,15 @@ class AirflowServices:
         self.wait_for_dag(dag_id)
         self.api("POST", f"dags/{dag_id}/dagRuns", {"dag_run_id": run_id, "logical_date": None})
 
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 420) -> None:
-        """Wait until the run ends; fail with its task states and the scheduler's log unless it succeeded."""
+    def wait_for_end(self, dag_id: str, run_id: str, timeout: float = 420) -> str:
+        """Wait until the run ends (``TimeoutError`` after ``timeout`` s); its state."""
         sql = "select state from dag_run where dag_id=? and run_id=?"
         wait(lambda: self.scalar(sql, dag_id, run_id) in ("success", "failed"), f"run {run_id}", timeout)
-        if (state := self.scalar(sql, dag_id, run_id)) != "success":
+        return self.scalar(sql, dag_id, run_id)
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 420) -> None:
+        """Wait until the run ends; fail with its task states and the scheduler's log unless it succeeded."""
+        if (state := self.wait_for_end(dag_id, run_id, timeout)) != "success":
             tis = self.rows(
                 "select task_id, map_index, state from task_instance where dag_id=? and run_id=?",
                 dag_id,
