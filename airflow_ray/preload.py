@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import ray
 
-from airflow_ray import outputs, tasks  # noqa: F401  (what a Ray task's process uses)
+from airflow_ray import compat, outputs, tasks  # noqa: F401  (what a Ray task's process uses)
 from airflow_ray.hooks import ray as _ray_hook  # noqa: F401
+
+compat.import_driver_modules()
 
 #: The Ray release loaded (logged by whoever preloads it).
 RAY_VERSION: str = ray.__version__
