@@ -5,8 +5,13 @@ Airflow runs each task in a new process forked from a long-lived one: the LocalE
 workers (forked from the scheduler) and a Celery worker's pool processes fork one per task.
 Importing them costs each task process 0.5-0.7 s (2 cores, ``docs/benchmarks.md``: 0.58 s per
 Celery task, 0.70 s per LocalExecutor task); a parent that imported them first passes them on
-for free. Importing Ray starts no thread, so forking after it is safe; connecting
-(``ray.init``) stays in the task process.
+for free. That includes what Ray itself imports only on a driver's first remote call (numpy,
+pyarrow: :func:`airflow_ray.compat.import_driver_modules`, another 0.15 s per task).
+
+Connecting (``ray.init``) stays in the task process: Ray's core worker does not survive a fork.
+Importing Ray starts no thread; numpy's OpenBLAS and pyarrow's jemalloc each start one, and
+both re-create them in a forked child (``pthread_atfork``), as prefork servers that preload them
+rely on.
 
 * The scheduler imports this module for its LocalExecutor (:func:`airflow_ray.listener.on_starting`,
   ``[ray] preload_in_scheduler``).

@@ -94,6 +94,13 @@ def start_ray() -> float:
     return time.perf_counter() - started
 
 
+def prepare_keeper(env: dict[str, str]) -> None:
+    """``airflow-ray cluster prepare`` for the ``ray_default`` connection of ``env``: a cluster
+    airflow-ray did not start gets its keeper (warm Ray workers) before anything is timed."""
+    cmd = [PYTHON, "-m", "airflow_ray.cli", "cluster", "prepare", "--connection", "ray_default"]
+    log(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.strip())
+
+
 def stop_ray() -> None:
     with contextlib.suppress(Exception):
         import ray

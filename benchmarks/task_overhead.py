@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import itertools
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -144,11 +143,6 @@ CELERY_VARIANTS = {
 }
 
 
-def _prepare(env: dict[str, str]) -> None:
-    cmd = [common.PYTHON, "-m", "airflow_ray.cli", "cluster", "prepare", "--connection", "ray_default"]
-    common.log(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.strip())
-
-
 @contextlib.contextmanager
 def _remote_rows() -> Iterator[list[LocalRow]]:
     """A cluster airflow-ray did not start (``ray start --head`` on loopback) and its two rows."""
@@ -172,7 +166,7 @@ def _remote_rows() -> Iterator[list[LocalRow]]:
                 "remote_keeper",
                 "remote cluster (ray start --head), keeper (airflow-ray cluster prepare)",
                 {**env, "AIRFLOW__RAY__NAMESPACE": "bench-warm"},
-                setup=_prepare,
+                setup=common.prepare_keeper,
                 release=False,
             ),
         ]
