@@ -185,6 +185,13 @@ def main() -> None:
         "--celery", action="store_true", help="add CeleryExecutor rows on the multi-host topology (root)"
     )
     parser.add_argument("--celery-repeats", type=int, default=2, help="timed runs of each Celery DAG")
+    parser.add_argument(
+        "--celery-variants",
+        nargs="+",
+        choices=list(CELERY_VARIANTS),
+        default=list(CELERY_VARIANTS),
+        help="which Celery worker set-ups to run (default: all, each on a topology of its own)",
+    )
     parser.add_argument("--no-dag-test", action="store_true", help="skip the dag.test() section")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
@@ -300,7 +307,8 @@ def _celery_section(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     kinds = ("plain", *CELERY_ROWS)
     dag_ids = {kind: f"overhead_celery_{kind}" for kind in kinds}
     source = CELERY_DAG_TEMPLATE.format(n=args.local_n)
-    for variant, celery_env in CELERY_VARIANTS.items():
+    for variant in args.celery_variants:
+        celery_env = CELERY_VARIANTS[variant]
         samples: dict[str, dict[str, list[float]]] = {
             kind: {"task": [], "wall_per_task": [], "gap": []} for kind in kinds
         }

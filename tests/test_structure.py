@@ -30,7 +30,10 @@ PRIVATE_RAY_MODULES = ("ray._private", "ray._raylet", "ray._common", "ray.core.g
 #: Every private Ray name airflow_ray uses, all of them in airflow_ray/compat.py. Before moving
 #: the Ray bound in pyproject.toml, check each in the new Ray's source (and update this list).
 EXPECTED_PRIVATE_RAY_NAMES = [
+    "ray._common.pydantic_compat",  # a module alone: imported only (compat.import_driver_modules)
     "ray._common.usage.usage_constants.CLUSTER_METADATA_KEY",
+    "ray._common.usage.usage_lib",
+    "ray._private.arrow_serialization",
     "ray._private.grpc_utils.init_grpc_channel",
     "ray._private.internal_api.get_memory_info_reply",
     "ray._private.internal_api.get_state_from_address",
