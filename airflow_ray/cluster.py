@@ -171,13 +171,25 @@ def status(cluster: LocalCluster) -> dict[str, Any]:
 
 
 def ensure_token() -> Path:
-    """Create Ray's default token file if it is missing; it is readable by its owner only."""
+    """Create Ray's default token file if it is missing; it is readable by its owner only.
+
+    Several processes may start the embedded cluster at once on a fresh host (Airflow task
+    processes, pytest workers): the token is written to a private temp file and hard-linked into
+    place, so the file appears whole or not at all and the first writer's token wins; a reader
+    never sees it empty, and a loser of the race uses the winner's token.
+    """
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
+        with contextlib.suppress(FileExistsError):
+            os.link(temp, path)
+    finally:
+        os.unlink(temp)
     return path
 
 

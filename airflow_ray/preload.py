@@ -3,10 +3,11 @@ after it start with them loaded.
 
 Airflow runs each task in a new process forked from a long-lived one: the LocalExecutor's
 workers (forked from the scheduler) and a Celery worker's pool processes fork one per task.
-Importing them costs each task process 0.5-0.7 s (2 cores, ``docs/benchmarks.md``: 0.58 s per
-Celery task, 0.70 s per LocalExecutor task); a parent that imported them first passes them on
-for free. That includes what Ray itself imports only on a driver's first remote call (numpy,
-pyarrow: :func:`airflow_ray.compat.import_driver_modules`, another 0.15 s per task).
+Importing them cost each task process 0.5-0.7 s (2 cores, without compiled bytecode,
+``docs/benchmarks.md``: 0.58 s per Celery task, 0.70 s per LocalExecutor task); a parent that
+imported them first passes them on for free. That includes what Ray itself imports only on a
+driver's first remote call (numpy, pyarrow: :func:`airflow_ray.compat.import_driver_modules`,
+0.25 s per task process with compiled bytecode, ``benchmarks/task_process.py``).
 
 Connecting (``ray.init``) stays in the task process: Ray's core worker does not survive a fork.
 Importing Ray starts no thread; numpy's OpenBLAS and pyarrow's jemalloc each start one, and

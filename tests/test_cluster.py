@@ -10,16 +10,20 @@ squatting TCP listener, or at a temp dir someone else prepared, and are refused 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import ipaddress
 import json
 import os
+import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -563,3 +567,25 @@ def _stale_state(port: int | None = None) -> LocalCluster:
         head_pid=int(exited.stdout),
         head_started_at=1.0,
     )
+
+
+def test_concurrent_token_creation_gives_every_caller_the_one_whole_token(tmp_path, monkeypatch):
+    """On a fresh host several processes create Ray's token file at once (pytest workers, task
+    processes starting the embedded cluster): none fails, none reads a half-written token, all use
+    the first writer's, and no temp file is left beside it."""
+    for attempt in range(25):
+        path = tmp_path / f"host{attempt}" / "auth_token"
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+        barrier = threading.Barrier(8)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            tokens = [f.result() for f in [pool.submit(_token_after, barrier) for _ in range(8)]]
+        assert len(set(tokens)) == 1 and re.fullmatch(r"[0-9a-f]{64}", tokens[0]), tokens
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert [p.name for p in path.parent.iterdir()] == ["auth_token"]
+
+
+def _token_after(barrier: threading.Barrier) -> str:
+    from airflow_ray import cluster
+
+    barrier.wait()
+    return cluster.ensure_token().read_text()
