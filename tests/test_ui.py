@@ -62,6 +62,9 @@ def page(airflow_services):
         )
         page = context.new_page()
         page.set_default_timeout(60_000)
+        # Assertions wait as long as actions: the UI renders slowly beside the suite's other
+        # tests on 2 cores (the 5 s default failed "return_value" in a fresh-machine CI run).
+        sync_api.expect.set_options(timeout=60_000)
         yield page
         browser.close()
 
@@ -73,7 +76,7 @@ def test_dag_list_shows_the_examples(airflow_services, page, screenshots):
         airflow_services.wait_for_dag(dag_id)
     page.goto(f"{airflow_services.url}/dags")
     for dag_id in EXAMPLE_DAGS:  # the first page of a login session loads for a while under load
-        expect(page.get_by_text(dag_id, exact=True).first).to_be_visible(timeout=60_000)
+        expect(page.get_by_text(dag_id, exact=True).first).to_be_visible()
     page.screenshot(path=screenshots / "dags.png", full_page=True)
 
 
@@ -83,7 +86,7 @@ def test_runs_succeed_and_the_graph_shows_them(airflow_services, runs, page, scr
     page.goto(f"{airflow_services.url}/dags/example_ray_basics/runs/{runs['example_ray_basics']}")
     # The run's tasks are listed in either view; once they are, so is the view switch (if any).
     # Counting the buttons before the page has rendered found none and stayed on the grid.
-    expect(page.get_by_text("summarize").first).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("summarize").first).to_be_visible()
     graph = page.get_by_role("button", name=re.compile("graph", re.IGNORECASE))
     if graph.count():
         graph.first.click()
@@ -127,7 +130,7 @@ def test_ray_dashboard_link(airflow_services, runs, page, screenshots, dag_id, t
     link = page.get_by_role("link", name="Ray Dashboard")
     expect(page.get_by_text(task_id).first).to_be_visible()
     page.screenshot(path=screenshots / f"dashboard_link_{task_id}.png", full_page=True)
-    expect(link).to_be_visible(timeout=60_000)
+    expect(link).to_be_visible()
     href = link.get_attribute("href")
     assert href.startswith("http://127.0.0.1:") and target in href, href
     page.screenshot(path=screenshots / f"dashboard_link_{task_id}.png", full_page=True)
@@ -159,10 +162,10 @@ def test_ray_view_shows_the_runs_outputs_the_cluster_and_a_chart(airflow_service
     run_id = runs["example_ray_basics"]
     page.goto(f"{airflow_services.url}/dags/example_ray_basics/runs/{run_id}/plugin/ray")  # the tab's URL
     tab = page.get_by_role("link", name="Ray", exact=True)  # the run's tabs are links
-    expect(tab).to_have_attribute("href", re.compile(r"/plugin/ray$"), timeout=60_000)
+    expect(tab).to_have_attribute("href", re.compile(r"/plugin/ray$"))
     view = page.frame_locator("iframe").first
     outputs = view.locator("#outputs tbody tr")
-    expect(outputs.filter(has_text="simulate")).to_have_count(4, timeout=60_000)  # the 4 mapped arrays
+    expect(outputs.filter(has_text="simulate")).to_have_count(4)  # the 4 mapped arrays
     expect(outputs.filter(has_text="simulate").first).to_contain_text("object store")
     expect(view.locator("#totals")).to_contain_text("4 in the object store")
     expect(view.locator("#nodes tbody tr").first).to_contain_text("yes")
@@ -170,7 +173,7 @@ def test_ray_view_shows_the_runs_outputs_the_cluster_and_a_chart(airflow_service
     expect(view.locator("#store-chart .run-bar").first).to_be_visible()
     page.screenshot(path=screenshots / "ray_view_tab.png", full_page=True)
     page.goto(f"{airflow_services.url}/airflow-ray/runs/example_ray_basics/{run_id}")  # the page alone
-    expect(page.locator("#store-chart .run-bar").first).to_be_visible(timeout=60_000)
+    expect(page.locator("#store-chart .run-bar").first).to_be_visible()
     expect(page.locator("#outputs tbody tr").filter(has_text="simulate")).to_have_count(4)
     page.screenshot(path=screenshots / "ray_view.png", full_page=True)
 
@@ -205,9 +208,9 @@ def test_ray_view_frees_a_run_for_an_admin(airflow_services, runs, page, screens
     run = f"example_ray_basics/{run_id}"
     _, before = _ray_view(airflow_services, "GET", f"runs/{run}", user="viewer")
     page.goto(f"{airflow_services.url}/airflow-ray/runs/{run}")
-    expect(page.locator("#outputs tbody tr").filter(has_text="simulate")).to_have_count(4, timeout=60_000)
+    expect(page.locator("#outputs tbody tr").filter(has_text="simulate")).to_have_count(4)
     page.get_by_role("button", name="Free this run's objects").click()
-    expect(page.locator("#freed")).to_contain_text("Freed 4 objects", timeout=60_000)
+    expect(page.locator("#freed")).to_contain_text("Freed 4 objects")
     expect(page.locator("#totals")).to_contain_text("4 not held")
     page.screenshot(path=screenshots / "ray_view_freed.png", full_page=True)
     _, after = _ray_view(airflow_services, "GET", f"runs/{run}", user="viewer")

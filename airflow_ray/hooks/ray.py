@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 _connect_lock = threading.Lock()
 #: Connections tried through Ray Client when its proxy failed to start the connection's server.
 CLIENT_SERVER_ATTEMPTS = 3
+#: How Ray Client's proxy reports that the server it forked for a connection did not start:
+#: its own message, and psutil's when that server died while the proxy read its command line
+#: (``proxier.py``'s ``start_specific_server``; seen in the multi-host topology under load).
+CLIENT_SERVER_START_FAILURES = ("Starting Ray client server failed", "psutil.ZombieProcess")
 _connected: RayTarget | None = None
 #: What ``_connected`` was resolved from: (connection id, RAY_URL, RAY_ADDRESS).
 _connected_for: tuple[str, str | None, str | None] | None = None
@@ -200,9 +204,9 @@ class RayHook(BaseHook):
         server's proxy failed to start a server for this connection.
 
         The proxy forks one server per connection, and when connections arrive together it
-        sometimes loses that race ("Starting Ray client server failed"): seen whenever two tasks
-        on one Airflow host connected at the same moment (tests/test_topology.py); a connection
-        made a moment later gets its server.
+        sometimes loses that race (``CLIENT_SERVER_START_FAILURES``): seen whenever two tasks on
+        one Airflow host connected at the same moment (tests/test_topology.py); a connection made
+        a moment later gets its server.
         """
         import ray
 
@@ -212,7 +216,7 @@ class RayHook(BaseHook):
                 with compat.client_version_check_deferred() if target.is_client else nullcontext():
                     return ray.init(**kwargs)
             except ConnectionError as exc:
-                lost_race = target.is_client and "Starting Ray client server failed" in str(exc)
+                lost_race = target.is_client and any(m in str(exc) for m in CLIENT_SERVER_START_FAILURES)
                 if not lost_race or attempt == CLIENT_SERVER_ATTEMPTS:
                     raise
             ray.shutdown()  # whatever the failed attempt left
