@@ -279,7 +279,7 @@ class Topology:
                     return
             except TimeoutError:
                 pass
-            _kill(head.pids())
+            _kill(self._ray_pids(HEAD))  # not the processes holding the host's namespaces
             shutil.rmtree(head.root / "tmp" / "ray", ignore_errors=True)
         raise RuntimeError(f"the Ray Client server on {head.ip}:10001 did not stay up in {attempts} starts")
 
