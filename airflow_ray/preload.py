@@ -12,7 +12,9 @@ driver's first remote call (numpy, pyarrow: :func:`airflow_ray.compat.import_dri
 Connecting (``ray.init``) stays in the task process: Ray's core worker does not survive a fork.
 Importing Ray starts no thread; numpy's OpenBLAS and pyarrow's jemalloc each start one, and
 both re-create them in a forked child (``pthread_atfork``), as prefork servers that preload them
-rely on.
+rely on (150 forks, none stuck). Threads of your own in that parent that call numpy or pyarrow
+while it forks are another matter: a child can wait forever on a Python lock such a thread held
+(numpy's global random state, pyarrow's lazy imports), as with any module and threads and fork.
 
 * The scheduler imports this module for its LocalExecutor (:func:`airflow_ray.listener.on_starting`,
   ``[ray] preload_in_scheduler``).
