@@ -504,8 +504,9 @@ def test_ray_client_connects_again_when_its_server_did_not_start(
 ):
     """Ray Client's proxy loses a fork race when connections arrive together ("Starting Ray
     client server failed", seen in tests/test_topology.py whenever two consumers on one host
-    connected at once). The race cannot be provoked on demand, so ``ray.init`` is replaced here
-    by one that fails ``failures`` times with the proxy's own message; no cluster is involved."""
+    connected at once; or the new server died while starting: psutil's ZombieProcess). The race
+    cannot be provoked on demand, so ``ray.init`` is replaced here by one that fails ``failures``
+    times with the proxy's own message; no cluster is involved."""
     import ray
 
     from airflow_ray.hooks import ray as ray_hook

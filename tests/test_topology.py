@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from airflow_ray.doctor import CLUSTER_CHECKS
-from airflow_ray.hooks.ray import CLIENT_SERVER_START_FAILURES
+from airflow_ray.hooks.ray import client_server_did_not_start
 from tests.helpers import doctor_verdicts
 from tests.services import wait
 from tests.topology import (
@@ -77,10 +77,13 @@ def wait_for_run(topo: Topology, conn: str) -> None:
     try:
         topo.airflow.wait_for_run(f"topology_{conn}", RUN, timeout=600)
     except BaseException:
-        logs = sorted(topo.root.glob(f"h*/home/airflow/logs/dag_id=topology_{conn}/run_id={RUN}/*/*.log*"))
-        logs += sorted(topo.root.glob("h*/tmp/ray/session_*/logs/raylet.out"))
-        logs += sorted(topo.root.glob("h*/logs/celery-worker.log"))  # a task process that hung
-        logs += sorted(topo.root.glob("h*/logs/scheduler.log"))  # e.g. a heartbeat timeout
+        patterns = (
+            f"h*/home/airflow/logs/dag_id=topology_{conn}/run_id={RUN}/*/*.log*",
+            "h*/tmp/ray/session_*/logs/raylet.out",
+            "h*/logs/celery-worker.log",  # a task process that hung
+            "h*/logs/scheduler.log",  # e.g. a heartbeat timeout
+        )
+        logs = [path for pattern in patterns for path in sorted(topo.root.glob(pattern))]
         for path in logs:  # the first error and the end: a crashed driver's backtrace fills the end
             text = path.read_text(errors="replace")
             print(f"--- {path}\n{text[:3000]}\n[...]\n{text[-3000:]}")
@@ -180,7 +183,7 @@ def doctor(topo: Topology, conn_id: str, conn: dict | None = None) -> tuple[int,
             timeout=300,
         )
         verdicts = doctor_verdicts(proc.stdout, proc.stderr)
-        if not any(failure in verdicts["connect"][1] for failure in CLIENT_SERVER_START_FAILURES):
+        if not client_server_did_not_start(verdicts["connect"][1]):
             break
     return proc.returncode, verdicts
 

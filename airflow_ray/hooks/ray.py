@@ -57,6 +57,14 @@ CLIENT_SERVER_ATTEMPTS = 3
 #: its own message, and psutil's when that server died while the proxy read its command line
 #: (``proxier.py``'s ``start_specific_server``; seen in the multi-host topology under load).
 CLIENT_SERVER_START_FAILURES = ("Starting Ray client server failed", "psutil.ZombieProcess")
+
+
+def client_server_did_not_start(message: str) -> bool:
+    """Whether a Ray Client connection's error says its server did not start: a lost race, worth
+    connecting again (``RayHook`` does; so does the topology's ``doctor`` check)."""
+    return any(failure in message for failure in CLIENT_SERVER_START_FAILURES)
+
+
 _connected: RayTarget | None = None
 #: What ``_connected`` was resolved from: (connection id, RAY_URL, RAY_ADDRESS).
 _connected_for: tuple[str, str | None, str | None] | None = None
@@ -216,7 +224,7 @@ class RayHook(BaseHook):
                 with compat.client_version_check_deferred() if target.is_client else nullcontext():
                     return ray.init(**kwargs)
             except ConnectionError as exc:
-                lost_race = target.is_client and any(m in str(exc) for m in CLIENT_SERVER_START_FAILURES)
+                lost_race = target.is_client and client_server_did_not_start(str(exc))
                 if not lost_race or attempt == CLIENT_SERVER_ATTEMPTS:
                     raise
             ray.shutdown()  # whatever the failed attempt left
