@@ -184,9 +184,7 @@ def _gc(*, dry_run: bool, bases: list[str], source: str | None) -> int:
     """Exit status 1 when a base was refused (not this deployment's) or something could not be
     freed or deleted (logged); everything else was still swept."""
     from airflow_ray import checkpoint, config, retention
-    from airflow_ray.hooks import RayHook
 
-    RayHook(config.xcom_conn_id()).connect()  # the connection the XCom backend stores objects through
     counts = retention.collect(dry_run=dry_run)
     verb = "would free" if dry_run else "freed"
     print(

@@ -42,6 +42,7 @@ from airflow_ray.references import ObjectReference, RayResult, handle_for, resul
 if TYPE_CHECKING:
     from airflow_ray.assets import CheckpointAsset
     from airflow_ray.checkpoint import CheckpointLocation
+    from airflow_ray.hooks.ray import RayTarget
 
 #: Key of the ``return_value`` XCom of a ``multiple_outputs`` task: ``{OUTPUTS: {key: stored}}``.
 OUTPUTS = "__airflow_ray_outputs__"
@@ -91,6 +92,18 @@ def inline_limit() -> int | None:
     Airflow's XCom stores it.
     """
     return config.xcom_threshold_bytes() if ray_xcom_enabled() else None
+
+
+def connect() -> RayTarget:
+    """This process as a driver of the cluster that holds the outputs: the one of the XCom
+    backend's connection (``[ray] xcom_conn_id``), whoever asks (a task, ``gc``, the UI).
+
+    Every caller goes through here because Ray's own fallback is silently wrong: a Ray API called
+    before ``ray.init`` starts a new, empty local cluster and answers from it.
+    """
+    from airflow_ray.hooks.ray import RayHook
+
+    return RayHook(config.xcom_conn_id()).connect()
 
 
 def ray_xcom_enabled() -> bool:
@@ -165,10 +178,8 @@ def adopt(value: Any, key: str, task: TaskKey, settings: CheckpointSettings | No
     """Hand a plain task's output to its run's owner, checkpointed if ``settings`` say so."""
     import ray
 
-    from airflow_ray.hooks.ray import RayHook
-
     ray_conn_id = config.xcom_conn_id()
-    RayHook(ray_conn_id).connect()
+    connect()
     name = owner_name(task.dag_id, task.run_id)
     summary = summarize(value)
     owner = get_owner(name, create=True)

@@ -37,7 +37,7 @@ import logging
 import time
 from typing import Any
 
-from airflow_ray.outputs import OUTPUTS
+from airflow_ray.outputs import OUTPUTS, connect
 from airflow_ray.owners import running_owner_names
 from airflow_ray.references import MARKER
 
@@ -49,9 +49,10 @@ def collect(
 ) -> dict[str, int]:
     """Free every registry entry of this deployment's owners that no XCom row refers to any more.
 
-    Other deployments on the same cluster have their own owners (:mod:`airflow_ray.deployment`)
-    and are never looked at. ``grace_seconds`` defaults to ``[ray] gc_grace_seconds``; see the
-    module docstring for what else keeps an entry.
+    It looks on the cluster of the XCom backend's connection (connecting to it if this process is
+    not a driver yet). Other deployments on the same cluster have their own owners
+    (:mod:`airflow_ray.deployment`) and are never looked at. ``grace_seconds`` defaults to
+    ``[ray] gc_grace_seconds``; see the module docstring for what else keeps an entry.
 
     :returns: counts of ``kept`` and ``freed`` entries, and of owners or entries that ``failed``.
     """
@@ -60,6 +61,7 @@ def collect(
     from airflow_ray import config, deployment
     from airflow_ray.owners import get_owner
 
+    connect()
     started = time.time()
     grace = config.gc_grace_seconds() if grace_seconds is None else grace_seconds
     counts = {"kept": 0, "freed": 0, "failed": 0}

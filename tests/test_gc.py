@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -85,6 +86,23 @@ def test_gc_lists_the_owners_before_it_reads_the_xcom_rows(run_dag, monkeypatch)
     monkeypatch.setattr(retention, "running_owner_names", list_then_write_the_row)
     retention.collect(grace_seconds=0)
     assert produced in _held(get_owner(owner_name(result.dag_id, result.run_id)))
+
+
+def test_gc_in_a_process_that_is_no_driver_yet_sweeps_the_xcom_cluster(orphan, tmp_path):
+    """Ray answers a call made before ``ray.init`` from a new, empty local cluster: gc must connect
+    to the XCom backend's cluster first, or it would find no owners and report nothing freed."""
+    _, produced, owner = orphan
+    code = "from airflow_ray import retention; print(json.dumps(retention.collect(grace_seconds=0)))"
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import json; {code}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["freed"] >= 1
+    assert produced not in _held(owner)
 
 
 def test_gc_goes_on_past_an_owner_it_cannot_ask(orphan, monkeypatch):

@@ -91,7 +91,7 @@ def cluster(readable: Callable[[str], bool]) -> dict[str, Any]:
     from airflow_ray.owners import parse_owner_name, running_owner_names, worker_code_hash
     from airflow_ray.version import __version__
 
-    target = _connect()
+    target = outputs.connect()
     owners: list[dict[str, Any]] = []
     runs: dict[tuple[str, str], dict[str, Any]] = {}
     for name in running_owner_names(deployment.current().id):
@@ -149,7 +149,7 @@ def free_run(dag_id: str, run_id: str) -> dict[str, Any]:
             untrusted += 1
     held = []
     if references:
-        _connect()
+        outputs.connect()
         found = outputs.lookup(references)
         held = [r for r, f in zip(references, found, strict=True) if not isinstance(f, outputs.NotHeld)]
     freed = outputs.release(references) if references else 0
@@ -164,13 +164,6 @@ def free_run(dag_id: str, run_id: str) -> dict[str, Any]:
 
 
 # --- private helpers -----------------------------------------------------------------------------
-
-
-def _connect() -> Any:
-    """This process as a driver of the cluster that holds the outputs (the XCom backend's)."""
-    from airflow_ray.hooks.ray import RayHook
-
-    return RayHook(config.xcom_conn_id()).connect()
 
 
 def _xcom_rows(dag_id: str, run_id: str) -> list[tuple[str, int, str, Any]]:
@@ -227,7 +220,7 @@ def _locate(references: list[ObjectReference], rows: list[dict[str, Any]]) -> No
     import ray
     from ray.experimental import get_object_locations
 
-    _connect()
+    outputs.connect()
     found = outputs.lookup(references)
     held = [f for f in found if not isinstance(f, outputs.NotHeld)]
     try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
+import psutil
 from airflow.sdk import dag, task
 
 from airflow_ray import ray_task
@@ -30,12 +32,16 @@ def cross_process():
         return {"sum": float(doubled.sum()), "producer_pid": producer_pid, "consumer_pid": os.getpid()}
 
     @ray_task(num_cpus=0.5)
-    def worker_pid() -> int:
-        return os.getpid()
+    def worker_pid() -> dict:
+        return {"pid": os.getpid(), "done_at": time.time()}
 
     @ray_task(num_cpus=0.5)
-    def worker_pid_again(first: int) -> dict:
-        return {"first": first, "again": os.getpid()}
+    def worker_pid_again(first: dict) -> dict:
+        # ``transform`` may run beside ``worker_pid``, so two warm workers can exist and either may
+        # take this task: what matters is that its worker was already running when ``worker_pid``
+        # finished, i.e. before this task's Airflow task process started.
+        me = psutil.Process()
+        return {"first": first, "again": me.pid, "again_started_at": me.create_time()}
 
     out = produce()
     consume(transform(out["data"]), out["pid"])
