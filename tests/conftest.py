@@ -8,6 +8,8 @@ functions are shipped to Ray by value, exactly like functions in users' DAG file
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -69,6 +71,9 @@ def pytest_configure(config: pytest.Config) -> None:
 _SHARED_WORKER = {
     "test_local_executor.py": "airflow_services",
     "test_ui.py": "airflow_services",
+    # One loopback cluster from a virtualenv without airflow-ray (~15 s to start, CI time).
+    "test_bare_cluster.py": "bare_cluster",
+    "test_keeper.py": "bare_cluster",
     # The multi-host topology (tests/topology.py): one per machine at a time, ~2 min to start.
     # (scripts/test runs it in a pytest of its own; this matters when it is named with others.)
     "test_topology.py": "topology",
@@ -154,6 +159,31 @@ def ray_cluster():
     ray.shutdown()
     for running in {local, cluster.current()} - {None}:
         helpers.kill_cluster(running.temp_dir, running.address)
+
+
+#: What a Ray cluster for airflow-ray needs (docs/deploy: "the cluster side"), at this suite's versions.
+CLUSTER_PACKAGES = ("ray", "numpy", "pandas", "pyarrow", "fsspec", "xxhash")
+
+
+@pytest.fixture(scope="session")
+def bare_cluster(tmp_path_factory):
+    """A cluster that airflow-ray did not start, from a virtualenv without airflow-ray or Airflow:
+    ``ray start --head`` on loopback (token auth, no dashboard) with 2 CPUs and the custom resource
+    ``bare``. Yields its GCS ``address`` and the cluster's ``python``."""
+    venv = tmp_path_factory.mktemp("bare-venv")
+    pins = [f"{name}=={importlib.metadata.version(name)}" for name in CLUSTER_PACKAGES]
+    uv = [sys.executable, "-m", "uv"]
+    python = venv / "bin" / "python"
+    made = subprocess.run([*uv, "venv", "-q", "-p", sys.base_prefix + "/bin/python3", str(venv)], check=False)
+    install = [*uv, "pip", "install", "-q", "--compile-bytecode", "-p", str(python), *pins]
+    if made.returncode != 0 or subprocess.run(install, check=False).returncode != 0:
+        pytest.skip(f"could not build a virtualenv with {pins} (no package index reachable?)")
+    absent = subprocess.run([python, "-c", "import airflow_ray"], capture_output=True, cwd=venv)
+    assert absent.returncode != 0, "the bare virtualenv must not see airflow-ray"
+
+    resources = ["--num-cpus=2", "--resources=" + json.dumps({"bare": 2})]
+    with helpers.loopback_head(str(venv / "bin" / "ray"), extra_args=resources, cwd=str(venv)) as address:
+        yield {"address": address, "python": str(python)}
 
 
 @pytest.fixture(scope="session")

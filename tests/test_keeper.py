@@ -1,10 +1,12 @@
 """Warm Ray workers on any cluster: the keeper (:mod:`airflow_ray.keeper`) of a non-embedded cluster.
 
 The cluster is a ``ray start --head`` on loopback that airflow-ray did not start (no embedded
-keeper). Each "task process" is a fresh Python process (``tests/scripts/warm_task.py``) that
-connects through the ``ray_remote`` connection and runs one function on Ray through its owner,
-as a ``@ray_task`` does under the LocalExecutor, and reports the pid of the Ray worker that ran
-it. Each case has its own Ray namespace, so its owners, factory and keeper are its own.
+keeper), from a virtualenv without airflow-ray (the ``bare_cluster`` fixture): the keeper's driver
+runs there from what :mod:`airflow_ray._worker` ships. Each "task process" is a fresh Python
+process (``tests/scripts/warm_task.py``) that connects through the ``ray_remote`` connection and
+runs one function on Ray through its owner, as a ``@ray_task`` does under the LocalExecutor, and
+reports the pid of the Ray worker that ran it. Each case has its own Ray namespace, so its owners,
+factory and keeper are its own.
 """
 
 from __future__ import annotations
@@ -14,28 +16,25 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import TESTS
-from tests.helpers import loopback_head, script_report
+from tests.helpers import script_report
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def remote_env():
+def remote_env(bare_cluster):
     """The environment of a task process whose ``ray_remote`` connection is a non-embedded cluster."""
-    ray = str(Path(sys.executable).parent / "ray")
-    with loopback_head(ray, extra_args=["--num-cpus=2"]) as address:
-        yield {
-            **os.environ,
-            "AIRFLOW_CONN_RAY_REMOTE": json.dumps({"conn_type": "ray", "host": address}),
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # the cluster listens on loopback only
-            "AIRFLOW__RAY__DEPLOYMENT_ID": "warm",
-            "PYTHONPATH": str(TESTS.parent),
-        }
+    return {
+        **os.environ,
+        "AIRFLOW_CONN_RAY_REMOTE": json.dumps({"conn_type": "ray", "host": bare_cluster["address"]}),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # the cluster listens on loopback only
+        "AIRFLOW__RAY__DEPLOYMENT_ID": "warm",
+        "PYTHONPATH": str(TESTS.parent),
+    }
 
 
 def _task_process(env: dict[str, str]) -> dict:
