@@ -104,6 +104,21 @@ def local_bootstrap_address() -> str | None:
     return canonicalize_bootstrap_address("auto")
 
 
+def cluster_started_in_this_process() -> bool:
+    """Whether this process's Ray driver runs a cluster it started itself, in-process.
+
+    That is what ``ray.init()`` without an address does, and what any Ray API (``ray.put``,
+    ``ray.data``, ``.remote()``) does when called before ``ray.init``: such a cluster, and every
+    object in it, ends with the process. Private API: ``ray._private.worker._global_node`` (the
+    driver's ``Node``; only a node this process started has processes in ``all_processes``).
+    Ray's public context says which cluster, not who started it. Checked against Ray 2.60.
+    """
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    return bool(node is not None and node.head and node.all_processes)
+
+
 def import_driver_modules() -> None:
     """Load what a Ray driver imports lazily on its first connection and first remote call.
 

@@ -246,6 +246,24 @@ def test_ray_task_with_unreachable_connection_fails_and_logs_why(run_dag, monkey
     )
 
 
+def test_a_cluster_ray_started_in_the_process_before_connecting_is_refused(ray_cluster, tmp_path):
+    """A plain task that calls Ray before connecting (here ``ray.init()`` as Ray's auto-init does)
+    runs a private in-process cluster: adopting it would put the task's outputs there, to vanish
+    with the process. The hook says so and how to fix it, instead of using it."""
+    code = (
+        "import ray; from airflow_ray.hooks import RayHook\n"
+        "ray.init(address='local', num_cpus=1, include_dashboard=False)\n"
+        "try:\n    RayHook().connect()\nexcept Exception as e:\n    print(type(e).__name__, e)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "RayConnectionError This process already runs a Ray cluster of its own" in proc.stdout
+    assert f"cannot reach {ray_cluster.address} (from the embedded local cluster" in proc.stdout
+    assert "Connect first: RayHook('ray_default').connect() at the top of the task" in proc.stdout
+
+
 # --- Ray Client --------------------------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ EXPECTED_PRIVATE_RAY_NAMES = [
     "ray._private.ray_constants.KV_NAMESPACE_CLUSTER",
     "ray._private.services.canonicalize_bootstrap_address",
     "ray._private.utils.check_version_info",
+    "ray._private.worker",  # a module alone: its _global_node (compat.cluster_started_in_this_process)
     "ray._raylet.AuthenticationTokenLoader.instance",
     "ray._raylet.Config.initialize",
     "ray.core.generated.common_pb2.NodeDeathInfo.Reason.Name",

@@ -163,7 +163,9 @@ class RayHook(BaseHook):
         """Make this process a driver of the target cluster (idempotent, thread-safe).
 
         Reuses an existing connection to the same address; a connection this hook did not make
-        (the user called ``ray.init`` themselves) is reused as is. A process resolves a
+        (the user called ``ray.init(address=...)`` themselves) is reused as is, except a cluster
+        Ray started inside this process (a Ray call made before connecting): that is an error,
+        as its objects would vanish with the process. A process resolves a
         connection id once while it stays connected: looking the connection up again costs
         7-40 ms through the Task SDK, paid on every XCom read of a plain task.
         """
@@ -176,6 +178,14 @@ class RayHook(BaseHook):
         import ray
 
         with _connect_lock:
+            if ray.is_initialized() and _connected is None and compat.cluster_started_in_this_process():
+                raise RayConnectionError(
+                    "This process already runs a Ray cluster of its own, which Ray started because "
+                    "a Ray API (ray.put, ray.data, .remote(), ...) was called before airflow-ray "
+                    "connected; its objects end with this process and cannot reach "
+                    f"{target.describe()}. Connect first: RayHook({self.ray_conn_id!r}).connect() "
+                    "at the top of the task, before any other Ray call."
+                )
             if ray.is_initialized() and (_connected is None or _connected.address == target.address):
                 return _connected or target
             compat.apply_env(target.env)
