@@ -27,7 +27,7 @@ from packaging.requirements import Requirement
 
 from airflow_ray import config, deployment
 from airflow_ray.hooks import RayHook
-from tests.test_bare_cluster import CLUSTER_PACKAGES
+from tests.conftest import CLUSTER_PACKAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "docs" / "deploy"
