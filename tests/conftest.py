@@ -8,6 +8,7 @@ functions are shipped to Ray by value, exactly like functions in users' DAG file
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +67,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 #: Test files that share a session fixture too costly to start twice (the Airflow services,
-#: ~45 s) run on the same xdist worker; every other file is a unit of its own, so its module
-#: fixtures are set up once. ``scripts/test`` runs two workers, each with its own Airflow home
-#: and Ray head.
+#: ~45 s) run on the same xdist worker, one after the other; every other file is a unit of its
+#: own, so its module fixtures are set up once. ``scripts/test`` runs two workers, each with its
+#: own Airflow home and Ray head. A group is named after its fixture, which is stopped as soon as
+#: the group's last test ends (:func:`_stop_with_its_group`).
 _SHARED_WORKER = {
     "test_local_executor.py": "airflow_services",
     "test_ui.py": "airflow_services",
@@ -109,9 +112,49 @@ _LONGEST_FIRST = (
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Longest files first (a stable sort: tests keep their order within a file)."""
+    """Longest files first, the files of a group together (a stable sort: tests keep their order
+    within a file)."""
     rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+    def file_rank(name: str) -> int:
+        return rank.get(name, len(rank))
+
+    def group_rank(name: str) -> int:
+        group = _SHARED_WORKER.get(name)
+        members = [file for file, g in _SHARED_WORKER.items() if g == group] if group else [name]
+        return min(map(file_rank, members))
+
+    items.sort(key=lambda item: (group_rank(item.path.name), file_rank(item.path.name)))
+
+
+#: Stop callbacks of the running group fixtures (see ``_SHARED_WORKER``), and the ones stopped.
+_group_services: dict[str, Callable[[], None]] = {}
+_stopped_services: set[str] = set()
+
+
+def _stop_with_its_group(name: str, stop: Callable[[], None]) -> None:
+    """Stop the session fixture ``name`` once the last test of its group ran, not at the end of
+    the session: an idle Airflow (scheduler, API server, DAG processor, triggerer) or Ray head
+    costs CPU that the rest of the suite, CPU-bound on 2 cores, waits for. ``stop`` must be
+    idempotent (the fixture's own teardown calls it again)."""
+    _group_services[name] = stop
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    result = yield  # the test's own module and function fixtures first: they may use the service
+    for name, stop in list(_group_services.items()):
+        files = {file for file, group in _SHARED_WORKER.items() if group == name}
+        if item.path.name in files and (nextitem is None or nextitem.path.name not in files):
+            del _group_services[name]
+            _stopped_services.add(name)
+            stop()
+    return result
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if stopped := _stopped_services & set(item.fixturenames):
+        pytest.fail(f"{item.path.name} uses {sorted(stopped)}, stopped after its group (_SHARED_WORKER)")
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
@@ -182,7 +225,10 @@ def bare_cluster(tmp_path_factory):
     assert absent.returncode != 0, "the bare virtualenv must not see airflow-ray"
 
     resources = ["--num-cpus=2", "--resources=" + json.dumps({"bare": 2})]
-    with helpers.loopback_head(str(venv / "bin" / "ray"), extra_args=resources, cwd=str(venv)) as address:
+    with contextlib.ExitStack() as running:
+        head = helpers.loopback_head(str(venv / "bin" / "ray"), extra_args=resources, cwd=str(venv))
+        address = running.enter_context(head)
+        _stop_with_its_group("bare_cluster", running.close)
         yield {"address": address, "python": str(python)}
 
 
@@ -204,7 +250,9 @@ def airflow_services(ray_cluster, tmp_path_factory):
     examples = TESTS.parent / "examples" / "dags"
     dags = [TESTS / "dags" / f"{name}.py" for name in ("cross_process", "gc_under_load", "assets")]
     dag_files = [*dags, *(examples / f"{name}.py" for name in EXAMPLE_DAGS)]
-    with start(tmp_path_factory.mktemp("airflow-services"), dag_files) as services:
+    with contextlib.ExitStack() as running:
+        services = running.enter_context(start(tmp_path_factory.mktemp("airflow-services"), dag_files))
+        _stop_with_its_group("airflow_services", running.close)
         yield services
 
 
