@@ -124,7 +124,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         members = [file for file, g in _SHARED_WORKER.items() if g == group] if group else [name]
         return min(map(file_rank, members))
 
-    items.sort(key=lambda item: (group_rank(item.path.name), file_rank(item.path.name)))
+    def key(item: pytest.Item) -> tuple[int, str, int]:
+        name = item.path.name
+        return group_rank(name), _SHARED_WORKER.get(name, name), file_rank(name)
+
+    items.sort(key=key)
 
 
 #: Stop callbacks of the running group fixtures (see ``_SHARED_WORKER``), and the ones stopped.

@@ -24,6 +24,7 @@ from airflow_ray import checkpoint, deployment, retention
 from airflow_ray.checkpoint import BASE_MARKER, CheckpointBaseError, CheckpointLocation, checkpoint_uri
 from airflow_ray.owners import get_owner, owner_name
 from tests.dags import checkpointed, handoff
+from tests.helpers import script_report
 
 # --- objects -------------------------------------------------------------------------------------
 
@@ -92,7 +93,7 @@ def test_gc_in_a_process_that_is_no_driver_yet_sweeps_the_xcom_cluster(orphan, t
     """Ray answers a call made before ``ray.init`` from a new, empty local cluster: gc must connect
     to the XCom backend's cluster first, or it would find no owners and report nothing freed."""
     _, produced, owner = orphan
-    code = "from airflow_ray import retention; print(json.dumps(retention.collect(grace_seconds=0)))"
+    code = "from airflow_ray import retention; print('GC=' + json.dumps(retention.collect(grace_seconds=0)))"
     proc = subprocess.run(
         [sys.executable, "-c", f"import json; {code}"],
         capture_output=True,
@@ -100,8 +101,7 @@ def test_gc_in_a_process_that_is_no_driver_yet_sweeps_the_xcom_cluster(orphan, t
         timeout=300,
         cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert json.loads(proc.stdout.splitlines()[-1])["freed"] >= 1
+    assert script_report(proc, "GC")["freed"] >= 1
     assert produced not in _held(owner)
 
 

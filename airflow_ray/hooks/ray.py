@@ -164,13 +164,22 @@ class RayHook(BaseHook):
 
         Reuses an existing connection to the same address; a connection this hook did not make
         (the user called ``ray.init(address=...)`` themselves) is reused as is, except a cluster
-        Ray started inside this process (a Ray call made before connecting): that is an error,
-        as its objects would vanish with the process. A process resolves a
+        Ray started inside this process (``ray.init()`` without an address, or a Ray call made
+        before connecting): that is an error, before anything is resolved or started, as the
+        task's outputs would vanish with the process. A process resolves a
         connection id once while it stays connected: looking the connection up again costs
         7-40 ms through the Task SDK, paid on every XCom read of a plain task.
         """
         global _connected, _connected_for
         resolved_from = (self.ray_conn_id, os.environ.get("RAY_URL"), os.environ.get("RAY_ADDRESS"))
+        if _ray_initialized() and compat.cluster_started_in_this_process():
+            raise RayConnectionError(
+                "This process already runs a Ray cluster of its own, started by ray.init() without "
+                "an address or by a Ray API (ray.put, ray.data, .remote(), ...) called before "
+                "airflow-ray connected: its objects end with this process, so task outputs cannot "
+                f"be kept there. Connect first: RayHook({self.ray_conn_id!r}).connect() at the top "
+                "of the task, before any other Ray call (or ray.init(address=...) to a running cluster)."
+            )
         if _connected is not None and _connected_for == resolved_from and _ray_initialized():
             return _connected
         target = self.target
@@ -178,14 +187,6 @@ class RayHook(BaseHook):
         import ray
 
         with _connect_lock:
-            if ray.is_initialized() and _connected is None and compat.cluster_started_in_this_process():
-                raise RayConnectionError(
-                    "This process already runs a Ray cluster of its own, which Ray started because "
-                    "a Ray API (ray.put, ray.data, .remote(), ...) was called before airflow-ray "
-                    "connected; its objects end with this process and cannot reach "
-                    f"{target.describe()}. Connect first: RayHook({self.ray_conn_id!r}).connect() "
-                    "at the top of the task, before any other Ray call."
-                )
             if ray.is_initialized() and (_connected is None or _connected.address == target.address):
                 return _connected or target
             compat.apply_env(target.env)

@@ -152,7 +152,7 @@ def free_run(dag_id: str, run_id: str) -> dict[str, Any]:
         outputs.connect()
         found = outputs.lookup(references)
         held = [r for r, f in zip(references, found, strict=True) if not isinstance(f, outputs.NotHeld)]
-    freed = outputs.release(references) if references else 0
+    freed = outputs.release(held) if held else 0  # only what the XCom backend's cluster holds
     return {
         "dag_id": dag_id,
         "run_id": run_id,
