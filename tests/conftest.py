@@ -121,14 +121,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     def group_rank(name: str) -> int:
         group = _SHARED_WORKER.get(name)
-        members = [file for file, g in _SHARED_WORKER.items() if g == group] if group else [name]
-        return min(map(file_rank, members))
+        return min(map(file_rank, _group_files(group) if group else [name]))
 
     def key(item: pytest.Item) -> tuple[int, str, int]:
         name = item.path.name
         return group_rank(name), _SHARED_WORKER.get(name, name), file_rank(name)
 
     items.sort(key=key)
+
+
+def _group_files(group: str) -> set[str]:
+    return {file for file, g in _SHARED_WORKER.items() if g == group}
 
 
 #: Stop callbacks of the running group fixtures (see ``_SHARED_WORKER``), and the ones stopped.
@@ -148,7 +151,7 @@ def _stop_with_its_group(name: str, stop: Callable[[], None]) -> None:
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
     result = yield  # the test's own module and function fixtures first: they may use the service
     for name, stop in list(_group_services.items()):
-        files = {file for file, group in _SHARED_WORKER.items() if group == name}
+        files = _group_files(name)
         if item.path.name in files and (nextitem is None or nextitem.path.name not in files):
             del _group_services[name]
             _stopped_services.add(name)

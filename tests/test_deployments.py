@@ -50,10 +50,7 @@ def _rerun_consumer(home, run_id: str) -> str:
 def test_two_deployments_on_one_cluster_never_see_each_others_outputs(ray_cluster, tmp_path):
     homes = {value: new_airflow_home(tmp_path / f"deployment-{value}") for value in (1, 2)}
     # The second deployment then runs gc: its XCom rows refer to none of the first one's objects.
-    runs = {
-        value: _deployment(home, "run", str(value), *(["gc"] if value == 2 else []))
-        for value, home in homes.items()
-    }
+    runs = {1: _deployment(homes[1], "1"), 2: _deployment(homes[2], "2", "gc")}
 
     assert runs[1]["deployment"] != runs[2]["deployment"]
     assert runs[1]["run_id"] == runs[2]["run_id"]  # same DAG, run and task ids

@@ -172,16 +172,18 @@ class RayHook(BaseHook):
         """
         global _connected, _connected_for
         resolved_from = (self.ray_conn_id, os.environ.get("RAY_URL"), os.environ.get("RAY_ADDRESS"))
-        if _ray_initialized() and compat.cluster_started_in_this_process():
-            raise RayConnectionError(
-                "This process already runs a Ray cluster of its own, started by ray.init() without "
-                "an address or by a Ray API (ray.put, ray.data, .remote(), ...) called before "
-                "airflow-ray connected: its objects end with this process, so task outputs cannot "
-                f"be kept there. Connect first: RayHook({self.ray_conn_id!r}).connect() at the top "
-                "of the task, before any other Ray call (or ray.init(address=...) to a running cluster)."
-            )
-        if _connected is not None and _connected_for == resolved_from and _ray_initialized():
-            return _connected
+        if _ray_initialized():
+            if compat.cluster_started_in_this_process():
+                raise RayConnectionError(
+                    "This process already runs a Ray cluster of its own, started by ray.init() "
+                    "without an address or by a Ray API (ray.put, ray.data, .remote(), ...) called "
+                    "before airflow-ray connected: its objects end with this process, so task outputs "
+                    f"cannot be kept there. Connect first: RayHook({self.ray_conn_id!r}).connect() at "
+                    "the top of the task, before any other Ray call (or ray.init(address=...) to a "
+                    "running cluster)."
+                )
+            if _connected is not None and _connected_for == resolved_from:
+                return _connected
         target = self.target
         compat.apply_env(target.env)  # before Ray is imported, if it is not yet
         import ray

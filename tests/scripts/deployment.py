@@ -1,6 +1,6 @@
 """One Airflow deployment's side of tests/test_deployments.py, run in its own AIRFLOW_HOME.
 
-Usage: ``python tests/scripts/deployment.py run <value> [gc]`` runs ``shared_ids`` with a fixed
+Usage: ``python tests/scripts/deployment.py <value> [gc]`` runs ``shared_ids`` with a fixed
 logical date (so both deployments have the same run id) and ``params.value``, then, with ``gc``,
 ``airflow-ray gc``'s collection (in the same process: a second one would cost CI ~10 s). Prints
 one line ``DEPLOYMENT=<json>``.
@@ -16,7 +16,7 @@ RESULT = "DEPLOYMENT="
 LOGICAL_DATE = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def main(value: str, *then: str) -> dict:
+def main(value: str, then: str = "") -> dict:
     from airflow_ray import deployment
     from tests.dags.deployments import shared_ids_dag
     from tests.helpers import run_dag
@@ -35,7 +35,7 @@ def main(value: str, *then: str) -> dict:
         consume_on_ray=result.xcom("consume_on_ray"),
         owner=result.xcom_raw("produce")["owner"],
     )
-    if "gc" in then:
+    if then == "gc":
         from airflow_ray import retention
 
         report["gc"] = retention.collect(grace_seconds=0)  # the other's objects are seconds old
@@ -43,5 +43,4 @@ def main(value: str, *then: str) -> dict:
 
 
 if __name__ == "__main__":
-    assert sys.argv[1] == "run", __doc__
-    print(RESULT + json.dumps(main(*sys.argv[2:])), flush=True)
+    print(RESULT + json.dumps(main(*sys.argv[1:])), flush=True)
