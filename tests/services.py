@@ -170,6 +170,8 @@ def airflow_services(
         # secret, written by ``airflow-ray gc`` on a fresh deployment) would not decrypt.
         "AIRFLOW__CORE__FERNET_KEY": "Ovaqs7LUPZZjJlRCugetKR1FxSovdWQDsWgIp36-5H8=",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        # Each DAG file parsed once (no test edits one): a re-parse every 30 s forks a parser (CI time).
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "3600",
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
         "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
         "PYTHONPATH": str(TESTS.parent),
