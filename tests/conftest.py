@@ -84,6 +84,10 @@ _SHARED_WORKER = {
     # One loopback cluster from a virtualenv without airflow-ray (~15 s to start, CI time).
     "test_bare_cluster.py": "bare_cluster",
     "test_keeper.py": "bare_cluster",
+    # One MLflow tracking server (~20 s of CPU to start and keep; CI time).
+    "test_higgs_dags.py": "mlflow_server",
+    "test_serve.py": "mlflow_server",
+    "test_tracking.py": "mlflow_server",
     # The multi-host topology (tests/topology.py): one per machine at a time, ~2 min to start.
     # (scripts/test runs it in a pytest of its own; this matters when it is named with others.)
     "test_topology.py": "topology",
@@ -251,7 +255,9 @@ def mlflow_server():
     """A real MLflow tracking server on loopback (sqlite backend, artifacts via the server)."""
     from tests.mlflow_server import local_mlflow_server
 
-    with local_mlflow_server() as server:
+    with contextlib.ExitStack() as running:
+        server = running.enter_context(local_mlflow_server())
+        _stop_with_its_group("mlflow_server", running.close)
         yield server
 
 
