@@ -165,6 +165,16 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "example": "True",
         "default": "False",
     },
+    "local_cluster_log_monitor": {
+        "description": "Start Ray's log monitor with the embedded local cluster. It tails every Ray "
+        "worker's log for drivers that asked for their output: airflow-ray's own drivers (tasks, "
+        "keeper) never do (log_to_driver=False), so by default it is not started (measured: ~3% of "
+        "a core per cluster under the test suite). Turn it on to see remote output in a driver of "
+        "your own, e.g. a notebook's ray.init(address=...).",
+        "type": "boolean",
+        "example": "True",
+        "default": "False",
+    },
     "local_cluster_keeper": {
         "description": "Start the keeper with the embedded local cluster: a driver that creates the "
         "owner actors and stays connected, so Ray reuses its worker processes between Airflow task "
@@ -327,6 +337,11 @@ def local_cluster_object_store_bytes() -> int | None:
 @_accessor
 def local_cluster_dashboard() -> bool:
     return _get_flag("local_cluster_dashboard")
+
+
+@_accessor
+def local_cluster_log_monitor() -> bool:
+    return _get_flag("local_cluster_log_monitor")
 
 
 @_accessor

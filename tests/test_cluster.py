@@ -46,6 +46,7 @@ def cluster_env(tmp_path_factory) -> dict[str, str]:
         AIRFLOW__RAY__LOCAL_CLUSTER_NUM_CPUS="1",
         AIRFLOW__RAY__LOCAL_CLUSTER_OBJECT_STORE_BYTES=str(200 * 1024**2),
         AIRFLOW__RAY__LOCAL_CLUSTER_KEEPER="False",  # the session's cluster has one (tested below)
+        AIRFLOW__RAY__LOCAL_CLUSTER_LOG_MONITOR="True",  # the session's cluster has none (the default)
     )
     return env
 
@@ -155,6 +156,15 @@ def test_keeper_can_be_turned_off(started):
 
 
 @pytest.mark.slow
+def test_log_monitor_runs_only_where_turned_on(started, ray_cluster):
+    """Ray's log monitor tails worker logs for drivers with ``log_to_driver``, which airflow-ray's
+    drivers never set: the session's cluster (the default) has none, this module's (turned on) one."""
+    (cluster, _) = started
+    assert not _log_monitors(ray_cluster)
+    assert len(_log_monitors(cluster)) == 1
+
+
+@pytest.mark.slow
 def test_cli_stop_stops_exactly_that_cluster(started, cluster_env, ray_cluster):
     import ray
 
@@ -227,6 +237,10 @@ def _cluster_processes(cluster: LocalCluster | None) -> list:
 
 def _keepers(cluster: LocalCluster) -> list:
     return [p for p in _cluster_processes(cluster) if "airflow_ray.keeper" in " ".join(p.cmdline())]
+
+
+def _log_monitors(cluster: LocalCluster) -> list:
+    return [p for p in _cluster_processes(cluster) if "log_monitor.py" in " ".join(p.cmdline())]
 
 
 def _is_loopback(host: str) -> bool:
