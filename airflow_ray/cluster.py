@@ -440,7 +440,7 @@ def _start() -> LocalCluster:
         f"--temp-dir={os.path.join(temp_dir, 'ray')}",
         "--disable-usage-stats",
         f"--include-dashboard={str(dashboard).lower()}",
-        f"--include-log-monitor={config.local_cluster_log_monitor()}",
+        f"--include-log-monitor={str(config.local_cluster_log_monitor()).lower()}",
         f"--dashboard-host={LOOPBACK}",
         # The agent's HTTP port (the Jobs API submits through it) defaults to a fixed 52365:
         # a second cluster on the machine would fail to bind it and could never run a job.

@@ -167,13 +167,14 @@ OPTIONS: dict[str, dict[str, Any]] = {
     },
     "local_cluster_log_monitor": {
         "description": "Start Ray's log monitor with the embedded local cluster. It tails every Ray "
-        "worker's log for drivers that asked for their output: airflow-ray's own drivers (tasks, "
-        "keeper) never do (log_to_driver=False), so by default it is not started (measured: ~3% of "
-        "a core per cluster under the test suite). Turn it on to see remote output in a driver of "
-        "your own, e.g. a notebook's ray.init(address=...).",
+        "worker's log for the drivers that print their workers' output (log_to_driver): a Ray "
+        "Job's script, whose remote tasks' output reaches the job log (and the Airflow task log) "
+        "only through it, or a notebook's ray.init(address=...). airflow-ray's own drivers never "
+        "ask for it: turn it off where no such driver runs to save its CPU (~3% of a core per "
+        "cluster, measured under the test suite).",
         "type": "boolean",
-        "example": "True",
-        "default": "False",
+        "example": "False",
+        "default": "True",
     },
     "local_cluster_keeper": {
         "description": "Start the keeper with the embedded local cluster: a driver that creates the "

@@ -37,6 +37,9 @@ os.environ.update(
         # The Jobs API and the "Ray Dashboard" links need it: ~+1 GB RSS and ~+15 s at start,
         # cheaper than a second head for the job tests (measured in issue 6).
         "AIRFLOW__RAY__LOCAL_CLUSTER_DASHBOARD": "True",
+        # No test reads a Ray worker's output through a driver (test_cluster.py turns it on once):
+        # CI time, ~3% of a core per session head.
+        "AIRFLOW__RAY__LOCAL_CLUSTER_LOG_MONITOR": "False",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         # Where the example DAGs' Ray Train/Tune runs write. Their tasks read it on the Ray
         # workers, so it is set before the session's head starts (its workers inherit it).

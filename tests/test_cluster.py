@@ -46,7 +46,7 @@ def cluster_env(tmp_path_factory) -> dict[str, str]:
         AIRFLOW__RAY__LOCAL_CLUSTER_NUM_CPUS="1",
         AIRFLOW__RAY__LOCAL_CLUSTER_OBJECT_STORE_BYTES=str(200 * 1024**2),
         AIRFLOW__RAY__LOCAL_CLUSTER_KEEPER="False",  # the session's cluster has one (tested below)
-        AIRFLOW__RAY__LOCAL_CLUSTER_LOG_MONITOR="True",  # the session's cluster has none (the default)
+        AIRFLOW__RAY__LOCAL_CLUSTER_LOG_MONITOR="True",  # the default; the session's cluster has none
     )
     return env
 
@@ -157,8 +157,8 @@ def test_keeper_can_be_turned_off(started):
 
 @pytest.mark.slow
 def test_log_monitor_runs_only_where_turned_on(started, ray_cluster):
-    """Ray's log monitor tails worker logs for drivers with ``log_to_driver``, which airflow-ray's
-    drivers never set: the session's cluster (the default) has none, this module's (turned on) one."""
+    """Ray's log monitor tails worker logs for drivers with ``log_to_driver`` (a Ray Job's script):
+    this module's cluster (the default) has one, the session's (turned off in conftest) none."""
     (cluster, _) = started
     assert not _log_monitors(ray_cluster)
     assert len(_log_monitors(cluster)) == 1

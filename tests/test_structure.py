@@ -246,7 +246,7 @@ def test_config_defaults_are_declared_once(configure):
             "local_cluster_num_cpus": None,
             "local_cluster_object_store_bytes": None,
             "local_cluster_dashboard": False,
-            "local_cluster_log_monitor": False,
+            "local_cluster_log_monitor": True,
             "local_cluster_keeper": True,
             "keeper_on_first_use": True,
         }
