@@ -139,6 +139,22 @@ class AirflowServices:
         return json.loads(value) if isinstance(value, (str, bytes)) else value
 
 
+#: Airflow settings of every test deployment of the services (here and tests/topology.py).
+SHARED_CONFIG = {
+    "AIRFLOW__CORE__PARALLELISM": "8",
+    "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+    # One key for every process: the services start together and would each generate their
+    # own while writing airflow.cfg, so a Variable another process wrote (the deployment
+    # secret, written by ``airflow-ray gc`` on a fresh deployment) would not decrypt.
+    "AIRFLOW__CORE__FERNET_KEY": "Ovaqs7LUPZZjJlRCugetKR1FxSovdWQDsWgIp36-5H8=",
+    "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+    # Each DAG file parsed once (no test edits one): a re-parse every 30 s forks a parser (CI time).
+    "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "3600",
+    "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+    "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+}
+
+
 @contextmanager
 def airflow_services(
     home: Path, dag_files: list[Path], components: tuple[str, ...] = COMPONENTS
@@ -154,8 +170,7 @@ def airflow_services(
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "8",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        **SHARED_CONFIG,
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         # Two users with known passwords (the browser logs in with the admin's token as its cookie)
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
@@ -165,15 +180,6 @@ def airflow_services(
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
         "AIRFLOW__API_AUTH__JWT_SECRET": "local-services-test-secret",
-        # One key for every process: the services start together and would each generate their
-        # own while writing airflow.cfg, so a Variable another process wrote (the deployment
-        # secret, written by ``airflow-ray gc`` on a fresh deployment) would not decrypt.
-        "AIRFLOW__CORE__FERNET_KEY": "Ovaqs7LUPZZjJlRCugetKR1FxSovdWQDsWgIp36-5H8=",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        # Each DAG file parsed once (no test edits one): a re-parse every 30 s forks a parser (CI time).
-        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "3600",
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
         "PYTHONPATH": str(TESTS.parent),
         # A checkpoint base of this deployment's own (tests/dags/assets.py): a base belongs to
         # the deployment that wrote it first, and the suite's dag.test() deployment writes there too.

@@ -61,7 +61,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import TESTS
-from tests.services import AirflowServices, wait
+from tests.services import SHARED_CONFIG, AirflowServices, wait
 
 PREFIX = "art_"
 BRIDGE = f"{PREFIX}br0"
@@ -421,20 +421,13 @@ def _prepare(
         # As docs/deploy.md recommends: Ray imported before the worker forks task processes.
         "AIRFLOW__CELERY__EXTRA_CELERY_CONFIG": json.dumps({"imports": ["airflow_ray.preload"]}),
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-        "AIRFLOW__CORE__PARALLELISM": "8",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        **SHARED_CONFIG,
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
         "AIRFLOW__API__HOST": services,
         "AIRFLOW__API__PORT": str(API_PORT),
         "AIRFLOW__API__BASE_URL": api,
         "AIRFLOW__API_AUTH__JWT_SECRET": "topology-test-secret",
-        "AIRFLOW__CORE__FERNET_KEY": "Ovaqs7LUPZZjJlRCugetKR1FxSovdWQDsWgIp36-5H8=",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        # Each DAG file parsed once (no test edits one): a re-parse every 30 s forks a parser (CI time).
-        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "3600",
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
         "AIRFLOW__RAY__DEPLOYMENT_ID": "topology",
         "AIRFLOW__RAY__XCOM_CONN_ID": "ray_node",
         "AIRFLOW__RAY__CHECKPOINT_PATH": checkpoints.as_uri(),
