@@ -128,6 +128,7 @@ def loopback_head(ray: str, *, extra_args: Sequence[str] = (), cwd: str | None =
                 f"--port={port}",
                 f"--dashboard-agent-listen-port={_free_port()}",
                 "--include-dashboard=false",
+                "--include-log-monitor=false",  # no driver here reads workers' output (CI time)
                 f"--temp-dir={temp_dir}",
                 "--disable-usage-stats",
                 *extra_args,

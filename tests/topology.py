@@ -293,6 +293,9 @@ class Topology:
             f"--node-ip-address={host.ip}",
             f"--object-store-memory={self.object_store_bytes}",
             "--disable-usage-stats",
+            # Ray's log monitor tails every worker log on its node for drivers that print their
+            # workers' output; no driver here does (the Ray Job prints from its own process).
+            "--include-log-monitor=false",
             *args,
         ]
 

@@ -204,6 +204,9 @@ def tune_search(
             mode="min",
             num_samples=num_samples,
             search_alg=BasicVariantGenerator(random_state=seed),
+            # A trial's process serves the next trial (its imports, xgboost's among them, are
+            # done once): trials are seconds long, and a new Ray actor costs ~2 s of CPU.
+            reuse_actors=True,
             # Rungs in boosting rounds: a trial must be among the best third at 2, 6, 18... reports.
             scheduler=ASHAScheduler(
                 time_attr="rounds", max_t=max_rounds, grace_period=2 * report_every, reduction_factor=3
