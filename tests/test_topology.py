@@ -92,7 +92,7 @@ def wait_for_run(topo: Topology, conn: str) -> None:
 
 def task_logs(topo: Topology, conn: str, task_id: str) -> list[Path]:
     """The logs of every try of a consumer, written by the worker on host 4 (queue ``h4``)."""
-    logs = topo.hosts[AIRFLOW_B].home / "airflow" / "logs" / f"dag_id=topology_{conn}" / f"run_id={RUN}"
+    logs = topo.hosts[AIRFLOW_B].airflow_home / "logs" / f"dag_id=topology_{conn}" / f"run_id={RUN}"
     return sorted((logs / f"task_id={task_id}").glob("attempt=*.log"))
 
 
@@ -145,7 +145,7 @@ def test_a_deferrable_ray_job_is_watched_by_the_triggerer(celery_topology, runs,
     job = api_json(f"{RAY_DASHBOARD}/api/jobs/{submission_id}", topo.token)
     assert job["status"] == "SUCCEEDED"
     # The trigger's log lines (the job's output) are written on the triggerer's host.
-    logs = topo.hosts[SERVICES].home / "airflow" / "logs" / f"dag_id=topology_{conn}" / f"run_id={RUN}"
+    logs = topo.hosts[SERVICES].airflow_home / "logs" / f"dag_id=topology_{conn}" / f"run_id={RUN}"
     text = "".join(path.read_text() for path in logs.glob("task_id=job/*.log*"))
     assert "job ran on art-h1" in text
 

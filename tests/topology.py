@@ -127,6 +127,10 @@ class Host:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def airflow_home(self) -> Path:
+        return self.home / "airflow"
+
     def boot(self) -> None:
         """The host's own namespaces, held by a reaper as PID 1 that every command then enters.
 
@@ -170,6 +174,11 @@ class Host:
         which makes ``ray start`` on another host refuse to join), with the host's home and temp."""
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         return {**inherited, "HOME": str(self.home), "TMPDIR": str(HOST_TMP), **(extra or {})}
+
+    def airflow_env(self, airflow_env: dict[str, str], extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of Airflow's processes here: ``airflow_env`` (the deployment's
+        configuration) with this host's Airflow home."""
+        return self.env({**airflow_env, "AIRFLOW_HOME": str(self.airflow_home), **(extra or {})})
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         """A long-running service, its output in ``logs/<name>.log``."""
@@ -309,8 +318,7 @@ class Topology:
 
     def airflow_host_env(self, n: int, extra: dict[str, str] | None = None) -> dict[str, str]:
         """The environment of Airflow's processes on host ``n`` (a Celery worker's, a CLI's)."""
-        host = self.hosts[n]
-        return host.env({**self.airflow_env, "AIRFLOW_HOME": str(host.home / "airflow"), **(extra or {})})
+        return self.hosts[n].airflow_env(self.airflow_env, extra)
 
     def _ray_pids(self, n: int) -> list[int]:
         """Ray's processes on host ``n``: those naming the host's Ray temp path (raylet, agents,
@@ -441,9 +449,9 @@ def _prepare(
         "PYTHONPATH": str(TESTS.parent),
         **extra_env,
     }
-    home = hosts[SERVICES].home / "airflow"
+    home = hosts[SERVICES].airflow_home
     airflow = CeleryAirflow(
-        env=hosts[SERVICES].env({**airflow_env, "AIRFLOW_HOME": str(home)}),
+        env=hosts[SERVICES].airflow_env(airflow_env),
         home=home,
         url=api,
         dsn=f"host={services} port={PG_PORT} user=airflow dbname=airflow",
