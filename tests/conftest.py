@@ -232,8 +232,8 @@ CLUSTER_PACKAGES = ("ray", "numpy", "pandas", "pyarrow", "fsspec", "xxhash")
 @pytest.fixture(scope="session")
 def bare_cluster(tmp_path_factory):
     """A cluster that airflow-ray did not start, from a virtualenv without airflow-ray or Airflow:
-    ``ray start --head`` on loopback (token auth, no dashboard) with 2 CPUs and the custom resource
-    ``bare``. Yields its GCS ``address`` and the cluster's ``python``."""
+    ``ray start --head`` on loopback (token auth, no dashboard, no log monitor) with 2 CPUs and
+    the custom resource ``bare``. Yields its GCS ``address`` and the cluster's ``python``."""
     venv = tmp_path_factory.mktemp("bare-venv")
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in CLUSTER_PACKAGES]
     uv = [sys.executable, "-m", "uv"]

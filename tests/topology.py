@@ -175,10 +175,10 @@ class Host:
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         return {**inherited, "HOME": str(self.home), "TMPDIR": str(HOST_TMP), **(extra or {})}
 
-    def airflow_env(self, airflow_env: dict[str, str], extra: dict[str, str] | None = None) -> dict[str, str]:
-        """The environment of Airflow's processes here: ``airflow_env`` (the deployment's
-        configuration) with this host's Airflow home."""
-        return self.env({**airflow_env, "AIRFLOW_HOME": str(self.airflow_home), **(extra or {})})
+    def airflow_env(self, config: dict[str, str], extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment of Airflow's processes here: ``config`` (the deployment's Airflow
+        configuration) with this host's Airflow home, then ``extra`` over both."""
+        return self.env({**config, "AIRFLOW_HOME": str(self.airflow_home), **(extra or {})})
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         """A long-running service, its output in ``logs/<name>.log``."""
