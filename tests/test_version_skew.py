@@ -9,6 +9,7 @@ Python-minor rule is checked on the versions a server would report (``test_pytho
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -29,7 +30,11 @@ from tests.helpers import kill_cluster, script_report
 ROOT = Path(__file__).resolve().parents[1]
 #: A Ray release other than this suite's that installs on its Python and has token auth (2.52+).
 OTHER_RAY = "2.52.1"
-VENV = Path.home() / ".cache" / "airflow-ray-tests" / f"ray-{OTHER_RAY}"
+#: Cached across runs and checkouts, per base interpreter: the expected messages name this
+#: Python's version for both sides, so a cache built from another Python (a pyenv one and the
+#: system's, say) must not be reused.
+_BASE_PYTHON = f"py{platform.python_version()}-{hashlib.sha256(sys.base_prefix.encode()).hexdigest()[:8]}"
+VENV = Path.home() / ".cache" / "airflow-ray-tests" / f"ray-{OTHER_RAY}-{_BASE_PYTHON}"
 
 
 def _other_ray_venv() -> Path:
