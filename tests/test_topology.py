@@ -32,6 +32,7 @@ from tests.topology import (
     SERVICES,
     VENV_BIN,
     WORKER,
+    Host,
     Topology,
     api_json,
     cmdline,
@@ -78,22 +79,28 @@ def wait_for_run(topo: Topology, conn: str) -> None:
         topo.airflow.wait_for_run(f"topology_{conn}", RUN, timeout=600)
     except BaseException:
         patterns = (
-            f"h*/home/airflow/logs/dag_id=topology_{conn}/run_id={RUN}/*/*.log*",
             "h*/tmp/ray/session_*/logs/raylet.out",
             "h*/logs/celery-worker.log",  # a task process that hung
             "h*/logs/scheduler.log",  # e.g. a heartbeat timeout
         )
-        logs = [path for pattern in patterns for path in sorted(topo.root.glob(pattern))]
+        logs = [
+            path for host in topo.hosts.values() for path in sorted(run_logs(host, conn).glob("*/*.log*"))
+        ]
+        logs += [path for pattern in patterns for path in sorted(topo.root.glob(pattern))]
         for path in logs:  # the first error and the end: a crashed driver's backtrace fills the end
             text = path.read_text(errors="replace")
             print(f"--- {path}\n{text[:3000]}\n[...]\n{text[-3000:]}")
         raise
 
 
+def run_logs(host: Host, conn: str) -> Path:
+    """Where ``host``'s Airflow processes write the task logs of the run of ``conn``'s DAG."""
+    return host.airflow_home / "logs" / f"dag_id=topology_{conn}" / f"run_id={RUN}"
+
+
 def task_logs(topo: Topology, conn: str, task_id: str) -> list[Path]:
     """The logs of every try of a consumer, written by the worker on host 4 (queue ``h4``)."""
-    logs = topo.hosts[AIRFLOW_B].airflow_home / "logs" / f"dag_id=topology_{conn}" / f"run_id={RUN}"
-    return sorted((logs / f"task_id={task_id}").glob("attempt=*.log"))
+    return sorted((run_logs(topo.hosts[AIRFLOW_B], conn) / f"task_id={task_id}").glob("attempt=*.log"))
 
 
 @pytest.mark.parametrize("conn", CONNECTIONS)
@@ -145,8 +152,9 @@ def test_a_deferrable_ray_job_is_watched_by_the_triggerer(celery_topology, runs,
     job = api_json(f"{RAY_DASHBOARD}/api/jobs/{submission_id}", topo.token)
     assert job["status"] == "SUCCEEDED"
     # The trigger's log lines (the job's output) are written on the triggerer's host.
-    logs = topo.hosts[SERVICES].airflow_home / "logs" / f"dag_id=topology_{conn}" / f"run_id={RUN}"
-    text = "".join(path.read_text() for path in logs.glob("task_id=job/*.log*"))
+    text = "".join(
+        path.read_text() for path in run_logs(topo.hosts[SERVICES], conn).glob("task_id=job/*.log*")
+    )
     assert "job ran on art-h1" in text
 
 
