@@ -22,6 +22,13 @@ from typing import Any
 
 TESTS = Path(__file__).resolve().parent
 HOME = Path(tempfile.mkdtemp(prefix="airflow-ray-tests-"))
+#: The session's Ray head is shared by the xdist workers, as Airflow deployments share a
+#: production cluster: each worker has its own metadata DB, hence its own deployment id and
+#: signing key (:mod:`airflow_ray.deployment`), on one head. The process that names the head's
+#: state dir (the xdist controller; its workers inherit the variable) stops it at the end
+#: (:func:`pytest_unconfigure`). CI time: one head's start and idle daemons instead of two.
+_OWNS_CLUSTER = "AIRFLOW_RAY_TESTS_CLUSTER_DIR" not in os.environ
+CLUSTER_DIR = os.environ.setdefault("AIRFLOW_RAY_TESTS_CLUSTER_DIR", str(HOME / "ray"))
 for var in ("RAY_ADDRESS", "RAY_URL", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_API_SERVER_ADDRESS"):
     os.environ.pop(var, None)
 os.environ.update(
@@ -31,7 +38,9 @@ os.environ.update(
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__CORE__XCOM_BACKEND": "airflow_ray.xcom.RayXComBackend",
-        "AIRFLOW__RAY__LOCAL_CLUSTER_DIR": str(HOME / "ray"),
+        "AIRFLOW__RAY__LOCAL_CLUSTER_DIR": CLUSTER_DIR,
+        # Two workers' tasks on one head: as many CPU slots as two heads of 2 CPUs had.
+        "AIRFLOW__RAY__LOCAL_CLUSTER_NUM_CPUS": "4",
         "AIRFLOW__RAY__XCOM_THRESHOLD_BYTES": "1024",
         "AIRFLOW__RAY__INFEASIBLE_TASK_TIMEOUT": "5",
         # The Jobs API and the "Ray Dashboard" links need it: ~+1 GB RSS and ~+15 s at start,
@@ -206,23 +215,26 @@ def new_airflow_home(home: Path) -> Path:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if _OWNS_CLUSTER:
+        from airflow_ray import cluster
+
+        # Killed, not stopped: nothing of it needs a graceful exit, and ``stop()`` (tested in
+        # test_cluster.py) waits 10 s for the processes that ignore SIGTERM.
+        if (running := cluster.current()) is not None:
+            helpers.kill_cluster(running.temp_dir, running.address)
     shutil.rmtree(HOME, ignore_errors=True)  # the session's Airflow home, DB and cluster state
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real Ray head (``ray start --head`` on 127.0.0.1, token auth, dashboard + Jobs API)."""
+    """A real Ray head (``ray start --head`` on 127.0.0.1, token auth, dashboard + Jobs API),
+    shared with the other xdist workers (``CLUSTER_DIR``): the first to ask starts it."""
     from airflow_ray import cluster
 
-    local = cluster.ensure_running()
-    yield local
-    # Killed, not stopped: nothing of it needs a graceful exit, and ``stop()`` (tested in
-    # test_cluster.py) waits 10 s for the processes that ignore SIGTERM. Drivers leave first.
+    yield cluster.ensure_running()
     import ray
 
-    ray.shutdown()
-    for running in {local, cluster.current()} - {None}:
-        helpers.kill_cluster(running.temp_dir, running.address)
+    ray.shutdown()  # a driver leaves before its cluster is killed, or it would exit with it
 
 
 #: What a Ray cluster for airflow-ray needs (docs/deploy: "the cluster side"), at this suite's versions.

@@ -140,12 +140,16 @@ def test_cli_status_prints_address_resources_and_object_store(started, cluster_e
 
 def test_keeper_created_the_owners_and_runs_with_the_cluster(ray_cluster):
     """The session's cluster has its keeper driver (see airflow_ray.keeper) among the cluster's
-    processes, which ``stop`` ends, and the keeper created every owner shard; a cluster started
-    with ``[ray] local_cluster_keeper = False`` (the one of this module) has none."""
+    processes, which ``stop`` ends, and the keeper created every owner shard of the deployment
+    that started the cluster (the xdist workers share it, each its own deployment: conftest's
+    ``CLUSTER_DIR``); a cluster started with ``[ray] local_cluster_keeper = False`` (the one of
+    this module) has none."""
     from airflow_ray import config, owners
 
     assert len(_keepers(ray_cluster)) == 1
-    assert (config.local_cluster_dir() / "keeper.ready").read_text().split() == owners.owner_names()
+    created = (config.local_cluster_dir() / "keeper.ready").read_text().split()
+    starter = owners.parse_owner_name(created[0])
+    assert starter is not None and created == owners.owner_names(starter.deployment)
 
 
 @pytest.mark.slow
