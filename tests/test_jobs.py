@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from types import SimpleNamespace
 
 import pytest
 
@@ -132,3 +134,29 @@ def test_deferral_timeout_stops_the_job(job_hook):
     with pytest.raises(TaskDeferralTimeout):
         op.resume_execution("__fail__", {"error": "Trigger timeout"}, context)
     assert _wait_terminal(job_hook, submission_id) == "STOPPED"
+
+
+def test_two_deployments_with_the_same_ids_each_run_their_own_job(job_hook, monkeypatch):
+    """Two Airflow deployments on one cluster often have the same DAG, task and run ids
+    (``etl``/``scheduled__…``). Each submits its own job, marked with its deployment: under one
+    submission id, Ray would refuse the second deployment's job and fail its task."""
+    from airflow_ray import config
+    from airflow_ray.operators import RaySubmitJobOperator
+
+    op = RaySubmitJobOperator(task_id="emit", entrypoint="true", ray_conn_id="no_such_connection")
+    run_id = f"scheduled__{uuid.uuid4().hex}"  # the session's cluster keeps every job it ran
+    ti = SimpleNamespace(dag_id="etl", task_id="emit", map_index=-1, run_id=run_id, try_number=1)
+    submitted = {}
+    try:
+        for tenant in ("team-a", "team-b"):
+            monkeypatch.setenv("AIRFLOW__RAY__DEPLOYMENT_ID", tenant)
+            config.clear_caches()
+            submitted[tenant] = op.submit_job({"ti": ti})  # type: ignore[typeddict-item]
+    finally:
+        monkeypatch.undo()
+        config.clear_caches()
+    assert submitted["team-a"] != submitted["team-b"]
+    jobs = {job["metadata"]["airflow_deployment"]: job for job in _jobs_of(job_hook, run_id)}
+    assert {tenant: job["submission_id"] for tenant, job in jobs.items()} == submitted
+    for submission_id in submitted.values():
+        assert _wait_terminal(job_hook, submission_id) == "SUCCEEDED"

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, ResumableJobMixin, conf
 from airflow.sdk.exceptions import AirflowException
 
+from airflow_ray import deployment
 from airflow_ray._api import public_api
 from airflow_ray.hooks import RayHook
 from airflow_ray.hooks.job import TERMINAL_STATES, RayJobHook
@@ -61,7 +62,8 @@ class RaySubmitJobOperator(RayLineageMixin, ResumableJobMixin, BaseOperator):
     :param runtime_env: Ray runtime environment; a local ``working_dir`` is zipped and
         uploaded by Ray's job client (templated).
     :param metadata: string metadata stored with the job; the task instance's identity
-        (``airflow_dag_id``, ``airflow_run_id``, ...) is added (templated).
+        (``airflow_dag_id``, ``airflow_run_id``, ...) and the deployment's id
+        (``airflow_deployment``) are added (templated).
     :param entrypoint_num_cpus: CPUs reserved for the entrypoint process itself.
     :param entrypoint_num_gpus: GPUs reserved for the entrypoint process itself.
     :param entrypoint_memory: bytes of memory reserved for the entrypoint process itself.
@@ -142,8 +144,9 @@ class RaySubmitJobOperator(RayLineageMixin, ResumableJobMixin, BaseOperator):
 
     def submit_job(self, context: Context) -> str:
         ti = context["ti"]
-        submission_id = job_submission_id(ti)
-        metadata = {**(self.metadata or {}), **_identity(ti)}
+        tenant = deployment.current().id
+        submission_id = job_submission_id(ti, tenant)
+        metadata = {**(self.metadata or {}), **_identity(ti), "airflow_deployment": tenant}
         self.hook.submit_job(
             entrypoint=self.entrypoint,
             submission_id=submission_id,
@@ -257,17 +260,19 @@ class RaySubmitJobOperator(RayLineageMixin, ResumableJobMixin, BaseOperator):
         )
 
 
-def job_submission_id(ti: RuntimeTaskInstanceProtocol) -> str:
+def job_submission_id(ti: RuntimeTaskInstanceProtocol, deployment_id: str) -> str:
     """A submission id that names the task instance and try, deterministically.
 
     Readable (``airflow-<dag>.<task>[.<map index>].<run id>``, cut to a sane length) plus a hash
-    of the untruncated key, so two task instances never share an id; one id per try, because
+    of the untruncated key and the deployment, so two task instances never share an id, nor do
+    two Airflow deployments on one cluster whose DAG and run ids are the same (Ray refuses a
+    second job under an id: the other deployment's task would fail). One id per try, because
     Ray refuses to reuse a submission id and a failed try's job must stay inspectable.
     """
     mapped = ti.map_index is not None and ti.map_index >= 0
     key = f"{ti.dag_id}.{ti.task_id}{f'.{ti.map_index}' if mapped else ''}.{ti.run_id}"
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)[:96]
-    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(f"{deployment_id}\0{key}".encode()).hexdigest()[:8]
     return f"airflow-{readable}-{digest}-try{ti.try_number}"
 
 
