@@ -54,9 +54,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
     },
     "deployment_id": {
         "description": "This Airflow deployment's name on shared Ray clusters (lowercase letters, "
-        "digits, '-'; at most 40). Owner actors, registry entries and the scope of airflow-ray gc "
-        "carry it, so deployments sharing a cluster never read, replace or free each other's "
-        "outputs. Empty: derived from the deployment's secret (the Airflow Variable "
+        "digits, '-'; at most 40). Owner actors, registry entries, Ray Job submission ids and the "
+        "scope of airflow-ray gc carry it, so deployments sharing a cluster never read, replace "
+        "or free each other's outputs. Empty: derived from the deployment's secret (the Airflow Variable "
         "airflow_ray_deployment_secret), stable for as long as the metadata DB.",
         "type": "string",
         "example": "prod",

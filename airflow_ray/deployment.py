@@ -3,7 +3,8 @@
 Staging and production, or two teams, often point at one Ray cluster, and their DAG ids and run
 ids collide (``etl``/``scheduled__2026-01-01…`` exist in both). Everything airflow-ray names on
 the cluster therefore carries the deployment: owner actors (:mod:`airflow_ray.owners`), and with
-them every registry entry and the scope of ``airflow-ray gc``; and every reference it writes to
+them every registry entry and the scope of ``airflow-ray gc``, and the ids of the Ray Jobs it
+submits (:mod:`airflow_ray.operators.job`); and every reference it writes to
 the XCom table is signed with the deployment's key (:mod:`airflow_ray.references`), so a row
 that was edited, forged, or written by another deployment is refused before anything acts on it.
 

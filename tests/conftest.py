@@ -21,14 +21,23 @@ from pathlib import Path
 from typing import Any
 
 TESTS = Path(__file__).resolve().parent
-HOME = Path(tempfile.mkdtemp(prefix="airflow-ray-tests-"))
 #: The session's Ray head is shared by the xdist workers, as Airflow deployments share a
 #: production cluster: each worker has its own metadata DB, hence its own deployment id and
-#: signing key (:mod:`airflow_ray.deployment`), on one head. The process that names the head's
-#: state dir (the xdist controller; its workers inherit the variable) stops it at the end
-#: (:func:`pytest_unconfigure`). CI time: one head's start and idle daemons instead of two.
-_OWNS_CLUSTER = "AIRFLOW_RAY_TESTS_CLUSTER_DIR" not in os.environ
-CLUSTER_DIR = os.environ.setdefault("AIRFLOW_RAY_TESTS_CLUSTER_DIR", str(HOME / "ray"))
+#: signing key (:mod:`airflow_ray.deployment`), on one head. CI time: one head's start and idle
+#: daemons instead of two. The process that owns the session (the xdist controller, or a pytest
+#: without xdist) makes ``SHARED``, and its workers inherit its path. Everything the head's
+#: processes may read or write lives in it: the head's state dir, each worker's Airflow home,
+#: the example and asset storage (the head and its Ray workers run with the environment of the
+#: worker that started it). Only the owner kills the head and removes ``SHARED``, once its
+#: workers have exited (:func:`pytest_unconfigure`).
+_OWNS_SESSION = "PYTEST_XDIST_WORKER" not in os.environ  # xdist sets it before conftest loads
+if _OWNS_SESSION:
+    SHARED = Path(tempfile.mkdtemp(prefix="airflow-ray-tests-"))
+    os.environ["AIRFLOW_RAY_TESTS_SHARED"] = str(SHARED)
+else:
+    SHARED = Path(os.environ["AIRFLOW_RAY_TESTS_SHARED"])
+HOME = Path(tempfile.mkdtemp(prefix="home-", dir=SHARED))  # this process's Airflow home
+CLUSTER_DIR = str(SHARED / "ray")
 for var in ("RAY_ADDRESS", "RAY_URL", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_API_SERVER_ADDRESS"):
     os.environ.pop(var, None)
 os.environ.update(
@@ -39,8 +48,9 @@ os.environ.update(
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__CORE__XCOM_BACKEND": "airflow_ray.xcom.RayXComBackend",
         "AIRFLOW__RAY__LOCAL_CLUSTER_DIR": CLUSTER_DIR,
-        # Two workers' tasks on one head: as many CPU slots as two heads of 2 CPUs had.
-        "AIRFLOW__RAY__LOCAL_CLUSTER_NUM_CPUS": "4",
+        # Two workers' tasks on one head (scripts/test: -n 2): as many CPU slots as a head per
+        # worker had, each with a slot per core.
+        "AIRFLOW__RAY__LOCAL_CLUSTER_NUM_CPUS": str(2 * (os.cpu_count() or 2)),
         "AIRFLOW__RAY__XCOM_THRESHOLD_BYTES": "1024",
         "AIRFLOW__RAY__INFEASIBLE_TASK_TIMEOUT": "5",
         # The Jobs API and the "Ray Dashboard" links need it: ~+1 GB RSS and ~+15 s at start,
@@ -51,12 +61,13 @@ os.environ.update(
         "AIRFLOW__RAY__LOCAL_CLUSTER_LOG_MONITOR": "False",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         # Where the example DAGs' Ray Train/Tune runs write. Their tasks read it on the Ray
-        # workers, so it is set before the session's head starts (its workers inherit it).
-        "AIRFLOW_RAY_EXAMPLES_STORAGE": (HOME / "examples-storage").as_uri(),
+        # workers, which inherit it from whichever xdist worker started the head: the same
+        # value in every worker.
+        "AIRFLOW_RAY_EXAMPLES_STORAGE": (SHARED / "examples-storage").as_uri(),
         # Where the checkpoint assets of tests/dags/assets.py live (their URIs are parsed).
-        "AIRFLOW_RAY_TEST_ASSETS": (HOME / "assets").as_uri(),
+        "AIRFLOW_RAY_TEST_ASSETS": (SHARED / "assets").as_uri(),
         # CI time, for the raylets the tests start (Ray's system config, read from RAY_<name>):
-        # keep up to 8 idle workers per node for 60 s, instead of num_cpus (2) for 1 s. The
+        # keep up to 8 idle workers per node for 60 s, instead of num_cpus for 1 s. The
         # tests run bursts of fractional-CPU tasks; by default each burst started fresh worker
         # processes (~2 s CPU each). Measured on test_gc/test_xcom/test_checkpoint_restore:
         # 43 -> 24 worker starts, ~10% less CPU. Nothing here asserts Ray's idle-worker policy.
@@ -88,8 +99,8 @@ def pytest_configure(config: pytest.Config) -> None:
 #: Test files that share a session fixture too costly to start twice (the Airflow services,
 #: ~45 s) run on the same xdist worker, one after the other; every other file is a unit of its
 #: own, so its module fixtures are set up once. ``scripts/test`` runs two workers, each with its
-#: own Airflow home and Ray head. A group is named after its fixture, which is stopped as soon as
-#: the group's last test ends (:func:`_stop_with_its_group`).
+#: own Airflow home, on the session's one Ray head. A group is named after its fixture, which is
+#: stopped as soon as the group's last test ends (:func:`_stop_with_its_group`).
 _SHARED_WORKER = {
     "test_local_executor.py": "airflow_services",
     "test_ui.py": "airflow_services",
@@ -215,14 +226,19 @@ def new_airflow_home(home: Path) -> Path:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if _OWNS_CLUSTER:
-        from airflow_ray import cluster
+    if not _OWNS_SESSION:
+        return  # the owner cleans up, after every worker has exited
+    from airflow_ray import cluster
 
-        # Killed, not stopped: nothing of it needs a graceful exit, and ``stop()`` (tested in
-        # test_cluster.py) waits 10 s for the processes that ignore SIGTERM.
-        if (running := cluster.current()) is not None:
-            helpers.kill_cluster(running.temp_dir, running.address)
-    shutil.rmtree(HOME, ignore_errors=True)  # the session's Airflow home, DB and cluster state
+    try:
+        running = cluster.current()
+    except cluster.LocalClusterError:  # its state file unreadable: found by its temp dir alone
+        running = None
+    # Killed, not stopped: nothing of it needs a graceful exit, and ``stop()`` (tested in
+    # test_cluster.py) waits 10 s for the processes that ignore SIGTERM. By the temp dir, which
+    # CLUSTER_DIR fixes, so that a head whose start was interrupted is found too.
+    helpers.kill_cluster(cluster.temp_dir_path(), running.address if running else None)
+    shutil.rmtree(SHARED, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

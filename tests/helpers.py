@@ -71,9 +71,9 @@ def script_report(proc: subprocess.CompletedProcess[str], prefix: str) -> Any:
     return json.loads(lines[-1].removeprefix(f"{prefix}="))
 
 
-def kill_cluster(temp_dir: str, address: str) -> None:
-    """SIGKILL one local Ray cluster: every process that names its temp dir or its GCS address,
-    and their children (how ``airflow_ray.cluster.stop()`` finds them), as a crash would.
+def kill_cluster(temp_dir: str, address: str | None) -> None:
+    """SIGKILL one local Ray cluster: every process that names its temp dir or its GCS address
+    (if known), and their children (how ``airflow_ray.cluster.stop()`` finds them), as a crash would.
 
     For clusters the tests throw away: ``stop()`` sends SIGTERM and waits 10 s for the processes
     that never exit on it (``gcs_server`` and the autoscaler's monitor, on Ray 2.60). A driver
@@ -86,7 +86,7 @@ def kill_cluster(temp_dir: str, address: str) -> None:
     roots = []
     for proc in psutil.process_iter(["cmdline"]):
         args = proc.info["cmdline"] or []
-        if temp_dir in " ".join(args) or f"--address={address}" in args:
+        if temp_dir in " ".join(args) or (address is not None and f"--address={address}" in args):
             roots.append(proc)
     victims = {}
     for root in roots:

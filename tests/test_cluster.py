@@ -145,11 +145,14 @@ def test_keeper_created_the_owners_and_runs_with_the_cluster(ray_cluster):
     ``CLUSTER_DIR``); a cluster started with ``[ray] local_cluster_keeper = False`` (the one of
     this module) has none."""
     from airflow_ray import config, owners
+    from airflow_ray.hooks import RayHook
 
     assert len(_keepers(ray_cluster)) == 1
     created = (config.local_cluster_dir() / "keeper.ready").read_text().split()
     starter = owners.parse_owner_name(created[0])
     assert starter is not None and created == owners.owner_names(starter.deployment)
+    RayHook().connect()
+    assert set(created) <= set(owners.running_owner_names(starter.deployment))
 
 
 @pytest.mark.slow

@@ -48,7 +48,8 @@ def airflow_env(ray_cluster, tmp_path_factory) -> dict[str, str]:
         "AIRFLOW__CORE__XCOM_BACKEND": "airflow_ray.xcom.RayXComBackend",
         # The session's embedded cluster (found through its state file, not started anew).
         "AIRFLOW__RAY__LOCAL_CLUSTER_DIR": os.environ["AIRFLOW__RAY__LOCAL_CLUSTER_DIR"],
-        # Read by the Ray workers, which inherit the head's environment: the session's value.
+        # Read by the Ray workers, which inherit the head's environment: the value that every
+        # xdist worker shares (conftest's SHARED), whichever of them started the head.
         "AIRFLOW_RAY_EXAMPLES_STORAGE": os.environ["AIRFLOW_RAY_EXAMPLES_STORAGE"],
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
