@@ -204,7 +204,9 @@ def persist(
 ) -> dict[str, ObjectReference]:
     """Checkpoint one task instance's kept outputs before the task succeeds.
 
-    Each write is a Ray task that receives the output's ObjectRef, preferably on the node that
+    Each write is a Ray task that the run's owner submits (:meth:`Owner.write_checkpoints
+    <airflow_ray._worker.owner.Owner.write_checkpoints>`: its warm workers, not a new one for this
+    process's Ray job) and that receives the output's ObjectRef, preferably on the node that
     produced it (``node_id``), so the data goes from the object store to storage without passing
     through this process. One directory per task instance (``<base>/<dag>/<run>/<task>/<map_index>/``,
     one subdirectory per key of ``multiple_outputs``) with stable names: a retry overwrites, never
@@ -237,21 +239,18 @@ def persist(
         for key in references
     }
     assets.check_covered(settings.assets, task.task_id, [loc.uri for loc in locations.values()])
-    claimant = deployment.current().id
-    write: Any = ray.remote(checkpoint.write_checkpoint).options(num_cpus=0, **_near(node_id))
-    allow_pickle = config.checkpoint_allow_pickle()
-    manifests = ray.get(
-        [
-            write.remote(
-                refs[key],
-                locations[key],
-                blocks=bool(ref.summary.get("dataset")),
-                allow_pickle=allow_pickle,
-                deployment=claimant,
-            )
-            for key, ref in references.items()
-        ]
-    )
+    writes = [
+        {
+            "ref": [refs[key]],
+            "location": locations[key],
+            "blocks": bool(ref.summary.get("dataset")),
+            "allow_pickle": config.checkpoint_allow_pickle(),
+            "deployment": deployment.current().id,
+        }
+        for key, ref in references.items()
+    ]
+    owner = get_owner(owner_name(task.dag_id, task.run_id))  # who holds the outputs writes them
+    manifests = ray.get([box[0] for box in ray.get(owner.write_checkpoints.remote(writes, node_id))])
     for (key, ref), manifest in zip(references.items(), manifests, strict=True):
         log.info(
             "Checkpointed the output of %s to %s (%s bytes, %s)",
@@ -491,15 +490,6 @@ def _verified(data: dict[str, Any]) -> ObjectReference:
     """A stored reference, checked against this deployment's key before anything acts on it."""
     me = deployment.current()
     return ObjectReference.verified(data, me.id, me.key)
-
-
-def _near(node_id: str | None) -> dict[str, Any]:
-    """Scheduling options that prefer ``node_id`` (where the data is), if known."""
-    if not node_id:
-        return {}
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)}
 
 
 def _is_outputs(data: Any) -> bool:

@@ -14,6 +14,12 @@ prepare``): look up the connection, probe the cluster, ``ray.init``, find the ru
 (the deployment's identity) and run a trivial function through it (``tasks.run``). Each phase is
 timed in the child; the table gives medians (the first two children are left out: cold caches).
 
+Then each child checkpoints a small output (a ``file://`` base) twice, as ``checkpoint=True``
+does after the function ran: ``ckpt_own_job`` writes it with a Ray task of its own (how
+airflow-ray did before: the task process is a Ray job of its own, so its first task waits for a
+new Ray worker process), and ``ckpt_owner`` publishes it through ``outputs.publish``, whose
+writes the run's owner submits (its Ray job's workers are warm). Their ratio is the last column.
+
 Rows, each a parent of its own:
 
 * **no bytecode**: Python compiles every module it imports (what ``PYTHONDONTWRITEBYTECODE`` and
@@ -50,7 +56,7 @@ ROWS = (
     ("ray", "bytecode, Ray + task modules preloaded", "task_modules", True),
     ("full", "bytecode, airflow_ray.preload", "airflow_ray.preload", True),
 )
-PHASES = ("lookup", "probe", "ray_init", "owner_name", "run", "task")
+PHASES = ("lookup", "probe", "ray_init", "owner_name", "run", "task", "ckpt_own_job", "ckpt_owner")
 
 
 def main() -> None:
@@ -175,7 +181,32 @@ def _task_process(i: int) -> dict[str, float]:
     timing("run", tasks.run)(request, logging.getLogger("bench"))
     times["task"] = time.perf_counter() - started
     assert owner.startswith(owners.OWNER_PREFIX)
+    _checkpoint_twice(i, timing)
     return times
+
+
+def _checkpoint_twice(i: int, timing: Any) -> None:
+    """The two ways of checkpointing one kept output (see the module docstring), timed."""
+    import logging
+
+    import numpy as np
+    import ray
+
+    from airflow_ray import checkpoint, outputs, tasks
+    from airflow_ray._worker.keys import TaskKey
+
+    key = TaskKey("bench", "run", f"c{i}", -1)
+    request = tasks.TaskRequest(fn=np.arange, args=(1000,), kwargs={}, task_key=key, inline_limit=0)
+    reply = tasks.run(request, logging.getLogger("bench"))
+    base = Path(tempfile.gettempdir(), "airflow-ray-bench-checkpoints").as_uri()
+    own = checkpoint.CheckpointLocation(uri=f"{base}/own-job/{i}/", base=f"{base}/own-job/")
+    write: Any = ray.remote(checkpoint.write_checkpoint).options(num_cpus=0)
+    manifest = timing("ckpt_own_job", lambda: ray.get(write.remote(reply["outputs"][0]["ref"][0], own)))()
+    settings = outputs.CheckpointSettings(path=f"{base}/owner/")
+    published = timing("ckpt_owner", outputs.publish)(
+        key, reply, ray_conn_id="ray_default", checkpoint=settings, multiple_outputs=False
+    )
+    assert manifest["bytes"] > 0 and published.reference.checkpoint_uri.startswith(settings.path)
 
 
 def _report(results: dict[str, Any]) -> None:
@@ -186,10 +217,11 @@ def _report(results: dict[str, Any]) -> None:
             f"{results[key]['parent_import_s']:.2f} s",
             *(f"{results[key][p] * 1000:.0f}" for p in PHASES),
             f"{base / results[key]['task']:.1f}x",
+            f"{results[key]['ckpt_own_job'] / results[key]['ckpt_owner']:.1f}x",
         ]
         for key, title, _, _ in ROWS
     ]
-    headers = ["parent", "parent import", *(f"{p} ms" for p in PHASES), "vs no bytecode"]
+    headers = ["parent", "parent import", *(f"{p} ms" for p in PHASES), "vs no bytecode", "owner vs own job"]
     print("\nA forked task process's @ray_task, medians (ms); 'task' is the whole of it:\n")
     print(common.table(headers, rows))
 

@@ -27,8 +27,8 @@ TESTS = Path(__file__).resolve().parent
 #: daemons instead of two. The process that owns the session (the xdist controller, or a pytest
 #: without xdist) makes ``SHARED``, and its workers inherit its path. Everything the head's
 #: processes may read or write lives in it: the head's state dir, each worker's Airflow home,
-#: the example and asset storage (the head and its Ray workers run with the environment of the
-#: worker that started it). Only the owner kills the head and removes ``SHARED``, once its
+#: the examples' storage (the head and its Ray workers run with the environment of the worker
+#: that started it). Only the owner kills the head and removes ``SHARED``, once its
 #: workers have exited (:func:`pytest_unconfigure`).
 _OWNS_SESSION = "PYTEST_XDIST_WORKER" not in os.environ  # xdist sets it before conftest loads
 if _OWNS_SESSION:
@@ -64,8 +64,10 @@ os.environ.update(
         # workers, which inherit it from whichever xdist worker started the head: the same
         # value in every worker.
         "AIRFLOW_RAY_EXAMPLES_STORAGE": (SHARED / "examples-storage").as_uri(),
-        # Where the checkpoint assets of tests/dags/assets.py live (their URIs are parsed).
-        "AIRFLOW_RAY_TEST_ASSETS": (SHARED / "assets").as_uri(),
+        # Where the checkpoint assets of tests/dags/assets.py live (their URIs are parsed). Read
+        # where the DAG is parsed, so each worker (deployment) has its own: a checkpoint base
+        # belongs to one deployment (airflow_ray.checkpoint refuses another's).
+        "AIRFLOW_RAY_TEST_ASSETS": (HOME / "assets").as_uri(),
         # CI time, for the raylets the tests start (Ray's system config, read from RAY_<name>):
         # keep up to 8 idle workers per node for 60 s, instead of num_cpus for 1 s. The
         # tests run bursts of fractional-CPU tasks; by default each burst started fresh worker

@@ -68,6 +68,29 @@ def test_multiple_outputs_keys_are_sanitised_into_the_task_directory(run_dag, tm
         assert uri.startswith(task_dir) and "/" not in name and name != key, uri
         assert not name.startswith(".") and " " not in name and ":" not in name
         np.testing.assert_array_equal(read_checkpoint(uri), np.arange(size))
+    _assert_written_in_the_owners_job(owner_name(result.dag_id, result.run_id))
+
+
+def _assert_written_in_the_owners_job(owner: str) -> None:
+    """The writes ran as tasks of the owner's Ray job (warm workers), none in this process's (a
+    task process's job starts a new worker process for its first task)."""
+    from ray.util.state import list_actors, list_tasks
+
+    from tests.services import wait
+
+    owner_job = list_actors(filters=[("name", "=", owner)])[0].job_id
+
+    def writes() -> dict[str, int]:
+        tasks = list_tasks(
+            filters=[("name", "=", "write_checkpoint")], limit=10_000, raise_on_missing_output=False
+        )
+        return {
+            job: sum(t.job_id == job for t in tasks)
+            for job in (owner_job, ray.get_runtime_context().get_job_id())
+        }
+
+    wait(lambda: writes()[owner_job] >= 3, "the owner's checkpoint writes in Ray's task events", 30)
+    assert writes()[ray.get_runtime_context().get_job_id()] == 0
 
 
 def test_s3_checkpoints_through_a_dag(run_dag, aws_connection, s3_server):  # noqa: F811 (fixtures)
