@@ -239,18 +239,16 @@ def persist(
         for key in references
     }
     assets.check_covered(settings.assets, task.task_id, [loc.uri for loc in locations.values()])
-    writes = [
-        {
-            "ref": [refs[key]],
-            "location": locations[key],
-            "blocks": bool(ref.summary.get("dataset")),
-            "allow_pickle": config.checkpoint_allow_pickle(),
-            "deployment": deployment.current().id,
-        }
-        for key, ref in references.items()
-    ]
+    # (the output's ObjectRef boxed: Ray hands it over unresolved, location, is a dataset's blocks)
+    writes = [([refs[k]], locations[k], bool(ref.summary.get("dataset"))) for k, ref in references.items()]
     owner = get_owner(owner_name(task.dag_id, task.run_id))  # who holds the outputs writes them
-    manifests = ray.get([box[0] for box in ray.get(owner.write_checkpoints.remote(writes, node_id))])
+    boxes = owner.write_checkpoints.remote(
+        writes,
+        allow_pickle=config.checkpoint_allow_pickle(),
+        deployment=deployment.current().id,
+        node_id=node_id,
+    )
+    manifests = ray.get([box[0] for box in ray.get(boxes)])
     for (key, ref), manifest in zip(references.items(), manifests, strict=True):
         log.info(
             "Checkpointed the output of %s to %s (%s bytes, %s)",

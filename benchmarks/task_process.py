@@ -15,10 +15,11 @@ prepare``): look up the connection, probe the cluster, ``ray.init``, find the ru
 timed in the child; the table gives medians (the first two children are left out: cold caches).
 
 Then each child checkpoints a small output (a ``file://`` base) twice, as ``checkpoint=True``
-does after the function ran: ``ckpt_own_job`` writes it with a Ray task of its own (how
-airflow-ray did before: the task process is a Ray job of its own, so its first task waits for a
-new Ray worker process), and ``ckpt_owner`` publishes it through ``outputs.publish``, whose
-writes the run's owner submits (its Ray job's workers are warm). Their ratio is the last column.
+does after the function ran: ``ckpt_own_job`` writes it with a Ray task of its own (the way
+airflow-ray wrote checkpoints before, less the base claim and the node preference: the task
+process is a Ray job of its own, so its first task waits for a new Ray worker process), and
+``ckpt_owner`` publishes it through ``outputs.publish`` (location, base claim and the writes,
+which the run's owner submits: its Ray job's workers are warm). Their ratio is the last column.
 
 Rows, each a parent of its own:
 
@@ -198,7 +199,7 @@ def _checkpoint_twice(i: int, timing: Any) -> None:
     key = TaskKey("bench", "run", f"c{i}", -1)
     request = tasks.TaskRequest(fn=np.arange, args=(1000,), kwargs={}, task_key=key, inline_limit=0)
     reply = tasks.run(request, logging.getLogger("bench"))
-    base = Path(tempfile.gettempdir(), "airflow-ray-bench-checkpoints").as_uri()
+    base = Path(os.environ["AIRFLOW_HOME"], "checkpoints").as_uri()  # removed with the home
     own = checkpoint.CheckpointLocation(uri=f"{base}/own-job/{i}/", base=f"{base}/own-job/")
     write: Any = ray.remote(checkpoint.write_checkpoint).options(num_cpus=0)
     manifest = timing("ckpt_own_job", lambda: ray.get(write.remote(reply["outputs"][0]["ref"][0], own)))()

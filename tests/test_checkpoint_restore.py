@@ -68,29 +68,49 @@ def test_multiple_outputs_keys_are_sanitised_into_the_task_directory(run_dag, tm
         assert uri.startswith(task_dir) and "/" not in name and name != key, uri
         assert not name.startswith(".") and " " not in name and ":" not in name
         np.testing.assert_array_equal(read_checkpoint(uri), np.arange(size))
-    _assert_written_in_the_owners_job(owner_name(result.dag_id, result.run_id))
 
 
-def _assert_written_in_the_owners_job(owner: str) -> None:
-    """The writes ran as tasks of the owner's Ray job (warm workers), none in this process's (a
-    task process's job starts a new worker process for its first task)."""
+def test_checkpoints_are_written_by_the_owners_ray_job(run_dag, ray_cluster, tmp_path):
+    """The writes are tasks of the run's owner's Ray job (warm workers), none of the task
+    process's own (a task process is a Ray job of its own: its first task starts a new worker).
+    The session's owners are the keeper's factory's, in the keeper's job; this process's job is
+    another. Ray reports a process's task events in order, in batches: once a marker task
+    submitted afterwards is listed, any write submitted from here would be too."""
     from ray.util.state import list_actors, list_tasks
 
+    from airflow_ray.hooks import RayHook
     from tests.services import wait
 
-    owner_job = list_actors(filters=[("name", "=", owner)])[0].job_id
+    RayHook().connect()  # the state API wants the cluster's token, which connecting loads
+    api, here = ray_cluster.dashboard_url, ray.get_runtime_context().get_job_id()
 
-    def writes() -> dict[str, int]:
+    def writes_by_job() -> dict[str, int]:
         tasks = list_tasks(
-            filters=[("name", "=", "write_checkpoint")], limit=10_000, raise_on_missing_output=False
+            api, filters=[("name", "=", "write_checkpoint")], limit=10_000, raise_on_missing_output=False
         )
-        return {
-            job: sum(t.job_id == job for t in tasks)
-            for job in (owner_job, ray.get_runtime_context().get_job_id())
-        }
+        return {job: sum(t.job_id == job for t in tasks) for job in {t.job_id for t in tasks}}
 
-    wait(lambda: writes()[owner_job] >= 3, "the owner's checkpoint writes in Ray's task events", 30)
-    assert writes()[ray.get_runtime_context().get_job_id()] == 0
+    before = writes_by_job()
+    result = run_dag(checkpointed.checkpoint_keys_dag, run_conf={"base": tmp_path.as_uri()})
+    assert result.state == "success", result.states
+    name = owner_name(result.dag_id, result.run_id)
+    (owner,) = list_actors(api, filters=[("name", "=", name), ("state", "=", "ALIVE")])
+    assert owner.job_id != here
+
+    def new_writes(job: str) -> int:
+        return writes_by_job().get(job, 0) - before.get(job, 0)
+
+    wait(
+        lambda: new_writes(owner.job_id) >= 3, "the owner's three checkpoint writes in Ray's task events", 30
+    )
+    marker = "airflow-ray-tests-events-flushed"
+    ray.get(ray.remote(lambda: None).options(name=marker, num_cpus=0).remote())
+    wait(
+        lambda: list_tasks(api, filters=[("name", "=", marker), ("job_id", "=", here)]),
+        "the marker task's event",
+        30,
+    )
+    assert new_writes(here) == 0
 
 
 def test_s3_checkpoints_through_a_dag(run_dag, aws_connection, s3_server):  # noqa: F811 (fixtures)
