@@ -241,14 +241,20 @@ def persist(
     assets.check_covered(settings.assets, task.task_id, [loc.uri for loc in locations.values()])
     # (the output's ObjectRef boxed: Ray hands it over unresolved, location, is a dataset's blocks)
     writes = [([refs[k]], locations[k], bool(ref.summary.get("dataset"))) for k, ref in references.items()]
-    owner = get_owner(owner_name(task.dag_id, task.run_id))  # who holds the outputs writes them
-    boxes = owner.write_checkpoints.remote(
-        writes,
-        allow_pickle=config.checkpoint_allow_pickle(),
-        deployment=deployment.current().id,
-        node_id=node_id,
-    )
-    manifests = ray.get([box[0] for box in ray.get(boxes)])
+    name = owner_name(task.dag_id, task.run_id)  # who holds the outputs writes them
+    allow_pickle, claimant = config.checkpoint_allow_pickle(), deployment.current().id
+    try:
+        call = get_owner(name).write_checkpoints.remote(
+            writes, allow_pickle=allow_pickle, deployment=claimant, node_id=node_id
+        )
+        boxes = ray.get(call)
+    except (ValueError, ray.exceptions.RayActorError) as exc:  # as lookup() tells it
+        forget_owners()
+        raise RayObjectLostError(
+            f"The outputs of {task.describe()} were lost before they were checkpointed: their "
+            f"owner actor '{name}' is gone ({type(exc).__name__}). Run the task again."
+        ) from exc
+    manifests = ray.get([box[0] for box in boxes])
     for (key, ref), manifest in zip(references.items(), manifests, strict=True):
         log.info(
             "Checkpointed the output of %s to %s (%s bytes, %s)",

@@ -113,6 +113,28 @@ def test_checkpoints_are_written_by_the_owners_ray_job(run_dag, ray_cluster, tmp
     assert new_writes(here) == 0
 
 
+def test_an_owner_gone_before_the_checkpoint_is_a_clear_error(ray_cluster, tmp_path):
+    """The outputs' owner died between the function's run and the checkpoint (killed, or its node
+    lost): the task fails naming the owner and what to do, not with Ray's raw actor error, and
+    nothing is written."""
+    import logging
+
+    from airflow_ray import outputs, tasks
+    from airflow_ray._worker.keys import TaskKey
+    from airflow_ray.hooks import RayHook
+
+    RayHook().connect()
+    key = TaskKey("owner_gone", "run", "produce", -1)
+    request = tasks.TaskRequest(fn=np.arange, args=(1000,), kwargs={}, task_key=key, inline_limit=0)
+    reply = tasks.run(request, logging.getLogger(__name__))
+    ray.kill(get_owner(owner_name(key.dag_id, key.run_id)), no_restart=True)
+    settings = outputs.CheckpointSettings(path=tmp_path.as_uri())
+    lost = r"lost before they were checkpointed: their owner actor 'airflow_ray_owner-[^']+' is gone"
+    with pytest.raises(RayObjectLostError, match=lost):
+        outputs.publish(key, reply, ray_conn_id="ray_default", checkpoint=settings, multiple_outputs=False)
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
 def test_s3_checkpoints_through_a_dag(run_dag, aws_connection, s3_server):  # noqa: F811 (fixtures)
     """A real S3 endpoint (moto server on loopback), reached through an Airflow aws connection."""
     import json
