@@ -570,12 +570,28 @@ def _start_keeper(cluster: LocalCluster, env: dict[str, str]) -> None:
 
 
 def _terminate_processes(temp_dir: str, address: str | None) -> None:
-    """Stop exactly this cluster's processes.
+    """Stop exactly this cluster's processes (:func:`processes_of`): SIGTERM, then SIGKILL
+    whatever still runs after 10 s."""
+    import psutil
 
-    ``ray stop`` kills every Ray process of the machine, other clusters included; we only
-    kill the processes that name our temp dir or GCS address (None: the temp dir only), and
-    their children (workers, agents), so a user's own Ray cluster next to the embedded one is
-    left alone.
+    victims = processes_of(temp_dir, address)
+    for proc in victims:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(victims, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def processes_of(temp_dir: str, address: str | None) -> list[Any]:
+    """The processes of one local cluster (``psutil.Process``), never this one.
+
+    ``ray stop`` kills every Ray process of the machine, other clusters included; a cluster's
+    own are those that name its temp dir or GCS address (None: the temp dir only), and their
+    children (workers, agents), so a user's own Ray cluster next to the embedded one is left
+    alone.
     """
     import psutil
 
@@ -585,16 +601,9 @@ def _terminate_processes(temp_dir: str, address: str | None) -> None:
         # the whole argument: "--address=127.0.0.1:6379" must not match a cluster on port 63790
         if temp_dir in " ".join(args) or (address is not None and f"--address={address}" in args):
             roots.append(proc)
-    victims = {p.pid: p for root in roots for p in [root, *_children(root)]}
-    victims.pop(os.getpid(), None)  # a caller whose own command line names the temp dir
-    for proc in victims.values():
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(list(victims.values()), timeout=10)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
+    found = {p.pid: p for root in roots for p in [root, *_children(root)]}
+    found.pop(os.getpid(), None)  # a caller whose own command line names the temp dir
+    return list(found.values())
 
 
 def _children(proc: Any) -> list[Any]:

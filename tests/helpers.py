@@ -72,32 +72,22 @@ def script_report(proc: subprocess.CompletedProcess[str], prefix: str) -> Any:
 
 
 def kill_cluster(temp_dir: str, address: str | None) -> None:
-    """SIGKILL one local Ray cluster: every process that names its temp dir or its GCS address
-    (if known), and their children (how ``airflow_ray.cluster.stop()`` finds them), as a crash would.
+    """SIGKILL one local Ray cluster: the processes ``airflow_ray.cluster.stop()`` would stop
+    (:func:`airflow_ray.cluster.processes_of`), as a crash would.
 
     For clusters the tests throw away: ``stop()`` sends SIGTERM and waits 10 s for the processes
     that never exit on it (``gcs_server`` and the autoscaler's monitor, on Ray 2.60). A driver
     of the cluster in this process must leave first (``ray.shutdown()``): it would exit with it.
     """
-    import os
-
     import psutil
 
-    roots = []
-    for proc in psutil.process_iter(["cmdline"]):
-        args = proc.info["cmdline"] or []
-        if temp_dir in " ".join(args) or (address is not None and f"--address={address}" in args):
-            roots.append(proc)
-    victims = {}
-    for root in roots:
-        with contextlib.suppress(psutil.Error):
-            for proc in [root, *root.children(recursive=True)]:
-                victims[proc.pid] = proc
-    victims.pop(os.getpid(), None)  # the caller may name the temp dir too
-    for proc in victims.values():
+    from airflow_ray.cluster import processes_of
+
+    victims = processes_of(temp_dir, address)
+    for proc in victims:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    psutil.wait_procs(list(victims.values()), timeout=10)
+    psutil.wait_procs(victims, timeout=10)
 
 
 @contextlib.contextmanager

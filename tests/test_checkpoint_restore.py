@@ -8,6 +8,8 @@ cold cluster start here (CI time).
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import ray
@@ -84,11 +86,11 @@ def test_checkpoints_are_written_by_the_owners_ray_job(run_dag, ray_cluster, tmp
     RayHook().connect()  # the state API wants the cluster's token, which connecting loads
     api, here = ray_cluster.dashboard_url, ray.get_runtime_context().get_job_id()
 
-    def writes_by_job() -> dict[str, int]:
+    def writes_by_job() -> Counter[str]:
         tasks = list_tasks(
             api, filters=[("name", "=", "write_checkpoint")], limit=10_000, raise_on_missing_output=False
         )
-        return {job: sum(t.job_id == job for t in tasks) for job in {t.job_id for t in tasks}}
+        return Counter(t.job_id for t in tasks)
 
     before = writes_by_job()
     result = run_dag(checkpointed.checkpoint_keys_dag, run_conf={"base": tmp_path.as_uri()})
@@ -98,7 +100,7 @@ def test_checkpoints_are_written_by_the_owners_ray_job(run_dag, ray_cluster, tmp
     assert owner.job_id != here
 
     def new_writes(job: str) -> int:
-        return writes_by_job().get(job, 0) - before.get(job, 0)
+        return writes_by_job()[job] - before[job]
 
     wait(
         lambda: new_writes(owner.job_id) >= 3, "the owner's three checkpoint writes in Ray's task events", 30
